@@ -1,0 +1,192 @@
+"""Observation and action mapping, written once.
+
+The sim env, the deploy runtime, the emulator's host and the adapter all turn a `RobotState` into
+the observation vector and an action into PD joint targets through `ObservationMapping`, so the
+policy sees the same numbers in simulation and on the robot. numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from controller.robot import RobotSpec
+
+# (name, size-or-None for num_joints, scale); the order is the observation layout.
+OBSERVATION_LAYOUT: tuple[tuple[str, int | None, float], ...] = (
+    ("gravity", 3, 1.0),
+    ("gyro", 3, 0.25),
+    ("joint_pos", None, 1.0),
+    ("joint_vel", None, 0.05),
+    ("last_action", None, 1.0),
+    ("command", 3, 1.0),
+    ("gait_phase", 2, 1.0),
+)
+
+
+@dataclass
+class RobotState:
+    """One reading of the robot, in the spec's joint order; vectors are float arrays.
+
+    base_vel is in the body frame and only the simulator or a state estimator knows it (NaN otherwise).
+    """
+
+    joint_pos: np.ndarray
+    joint_vel: np.ndarray
+    quat: np.ndarray
+    """Body orientation in the world, (x, y, z, w)."""
+    gyro: np.ndarray
+    """Body angular velocity in the body frame (rad/s)."""
+    accel: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    base_vel: np.ndarray = field(default_factory=lambda: np.full(3, np.nan))
+    joint_torque: np.ndarray | None = None
+    command: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    """Velocity command (vx m/s, vy m/s, yaw rate rad/s)."""
+    tick: int = 0
+    time: float = 0.0
+    fallen: bool = False
+
+
+def rotate_to_body(quat: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """Express a world-frame vector in the body frame: R(q)^T v, with q = (x, y, z, w)."""
+    x, y, z, w = quat
+    u = np.array([-x, -y, -z])  # conjugate rotates world -> body
+    t = 2.0 * np.cross(u, vector)
+    return vector + w * t + np.cross(u, t)
+
+
+def upright(quat: np.ndarray) -> float:
+    """World-z component of the body z-axis: 1 standing, 0 on its side, -1 upside down."""
+    x, y, _, _ = quat
+    return float(1.0 - 2.0 * (x * x + y * y))
+
+
+class ObservationMapping:
+    """Stateful per episode: the last action and the gait phase live here.
+
+    Call `reset()` at episode start, then each control tick `observe(state)` and `targets(action)`.
+    """
+
+    def __init__(self, spec: RobotSpec) -> None:
+        self.spec = spec
+        self.num_joints = spec.num_joints
+        self._default = spec.array("default_pose")
+        self._lower = spec.array("joint_lower")
+        self._upper = spec.array("joint_upper")
+        gait = spec.gait
+        self._gait_on = gait.frequency_hz > 0
+        if self._gait_on:
+            self._joint_phase = np.asarray(gait.leg_phase_offsets)[np.asarray(gait.joint_leg)]
+            self._swing = np.asarray(gait.swing, dtype=np.float64)
+            self._lift = np.asarray(gait.lift, dtype=np.float64)
+        self._sizes = [
+            (name, self.num_joints if size is None else size, scale) for name, size, scale in OBSERVATION_LAYOUT
+        ]
+        self.obs_dim = sum(size for _, size, _ in self._sizes)
+        self.act_dim = self.num_joints
+        self.nonfinite_actions = 0
+        self.reset()
+
+    @property
+    def layout(self) -> list[dict]:
+        """Names, slices and scales of the observation vector (stored in the bundle manifest)."""
+        start, rows = 0, []
+        for name, size, scale in self._sizes:
+            rows.append({"name": name, "start": start, "size": size, "scale": scale})
+            start += size
+        return rows
+
+    @property
+    def layout_hash(self) -> str:
+        """Changes whenever the meaning of any observation entry changes."""
+        data = {
+            "layout": self.layout,
+            "joints": self.spec.joint_names,
+            "default": self.spec.default_pose,
+            "gait": self.spec.to_dict()["gait"],
+            "rate": self.spec.control_rate_hz,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def reset(self) -> None:
+        self.step_count = 0
+        self.last_action = np.zeros(self.num_joints)
+
+    def phase(self) -> float:
+        return 2.0 * np.pi * self.spec.gait.frequency_hz * self.step_count / self.spec.control_rate_hz
+
+    def observe(self, state: RobotState) -> np.ndarray:
+        """RobotState -> observation vector, float32 (obs_dim,)."""
+        phase = self.phase()
+        parts = {
+            "gravity": rotate_to_body(np.asarray(state.quat, dtype=np.float64), np.array([0.0, 0.0, -1.0])),
+            "gyro": state.gyro,
+            "joint_pos": np.asarray(state.joint_pos) - self._default,
+            "joint_vel": state.joint_vel,
+            "last_action": self.last_action,
+            "command": state.command,
+            "gait_phase": (np.sin(phase), np.cos(phase)) if self._gait_on else (0.0, 0.0),
+        }
+        obs = np.concatenate([np.asarray(parts[name], dtype=np.float64) * scale for name, _, scale in self._sizes])
+        # A NaN sensor reading must not reach the policy; zero is the normalizer's centre.
+        return np.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+    def gait_offsets(self) -> np.ndarray:
+        if not self._gait_on:
+            return np.zeros(self.num_joints)
+        phi = self.phase() + self._joint_phase
+        # target += swing * cos(phi) - lift * max(0, sin(phi))
+        return self._swing * np.cos(phi) - self._lift * np.maximum(0.0, np.sin(phi))
+
+    def targets(self, action: np.ndarray) -> np.ndarray:
+        """Action in [-1, 1]^n -> joint targets (rad) within the joint limits; advances the gait phase.
+
+        A non-finite action is replaced by zeros (counted in `nonfinite_actions`) so NaN never
+        reaches a motor.
+        """
+        action = np.asarray(action, dtype=np.float64).reshape(self.num_joints)
+        if not np.all(np.isfinite(action)):
+            self.nonfinite_actions += 1
+            action = np.zeros(self.num_joints)
+        action = np.clip(action, -1.0, 1.0)
+        targets = self._default + self.gait_offsets() + self.spec.action_scale * action
+        self.last_action = action
+        self.step_count += 1
+        return np.clip(targets, self._lower, self._upper)
+
+    def is_fallen(self, state: RobotState) -> bool:
+        return bool(state.fallen) or upright(np.asarray(state.quat)) < self.spec.min_upright
+
+
+@dataclass
+class LocomotionReward:
+    """Velocity-command tracking with small regularizers; computed from a RobotState alone.
+
+    r = w_lin exp(-|v_xy - c_xy|^2 / sigma) + w_yaw exp(-(w_z - c_yaw)^2 / sigma)
+        - w_vz v_z^2 - w_tilt |w_xy|^2 - w_rate |a - a_prev|^2 - w_torque |tau|^2
+    """
+
+    lin_vel: float = 1.0
+    yaw_rate: float = 0.5
+    sigma: float = 0.25
+    vertical_vel: float = 0.5
+    angular_xy: float = 0.02
+    action_rate: float = 0.02
+    torque: float = 1e-4
+
+    def __call__(self, state: RobotState, action: np.ndarray, previous_action: np.ndarray) -> float:
+        vel = np.asarray(state.base_vel, dtype=np.float64)
+        cmd = np.asarray(state.command, dtype=np.float64)
+        gyro = np.asarray(state.gyro, dtype=np.float64)
+        lin_err = (vel[0] - cmd[0]) ** 2 + (vel[1] - cmd[1]) ** 2
+        reward = self.lin_vel * np.exp(-lin_err / self.sigma) + self.yaw_rate * np.exp(
+            -((gyro[2] - cmd[2]) ** 2) / self.sigma
+        )
+        reward -= self.vertical_vel * vel[2] ** 2 + self.angular_xy * (gyro[0] ** 2 + gyro[1] ** 2)
+        reward -= self.action_rate * float(np.sum((np.asarray(action) - np.asarray(previous_action)) ** 2))
+        if state.joint_torque is not None:
+            reward -= self.torque * float(np.sum(np.asarray(state.joint_torque) ** 2))
+        return float(reward)

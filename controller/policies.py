@@ -1,0 +1,405 @@
+"""Actor-critic policies that carry their own observation normalizer.
+
+Every public method takes raw observations and normalizes them exactly once inside, so the
+exported `forward` graph has the normalizer baked in and callers never normalize themselves.
+Sampling methods accept an optional `torch.Generator` for reproducible rollouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Categorical, Normal
+
+from controller.errors import ConfigError
+from controller.networks import RunningNormalizer, init_mlp_, mlp
+
+POLICY_OUTPUT_GAIN = 0.01
+"""Init gain of action-mean and logit layers: near-zero outputs, so the first policy is unbiased."""
+
+VALUE_OUTPUT_GAIN = 1.0
+"""Init gain of value heads."""
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+
+
+class GaussianMLPPolicy(nn.Module):
+    """Diagonal-Gaussian actor with an MLP mean, a state-independent log std and an MLP critic.
+
+    Attributes:
+        config: Constructor keyword arguments as a plain dict; `GaussianMLPPolicy(**config)` rebuilds it.
+        normalizer: Observation normalizer, or None when `normalize=False`.
+        actor: MLP [..., obs_dim] -> [..., act_dim] action mean.
+        critic: MLP [..., obs_dim] -> [..., 1] state value.
+        log_std: [act_dim] learnable log standard deviation.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        init_log_std: float = -1.0,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("obs_dim", obs_dim)
+        _check_positive_int("act_dim", act_dim)
+        self.config: dict[str, Any] = {
+            "obs_dim": obs_dim,
+            "act_dim": act_dim,
+            "hidden": list(hidden),
+            "activation": activation,
+            "init_log_std": float(init_log_std),
+            "normalize": bool(normalize),
+        }
+        self.obs_dim = obs_dim
+        self.act_dim = act_dim
+        self.normalizer = RunningNormalizer(obs_dim) if normalize else None
+        self.actor = mlp(obs_dim, hidden, act_dim, activation, init_output_gain=POLICY_OUTPUT_GAIN)
+        self.critic = mlp(obs_dim, hidden, 1, activation, init_output_gain=VALUE_OUTPUT_GAIN)
+        self.log_std = nn.Parameter(torch.full((act_dim,), float(init_log_std)))
+
+    def normalize(self, obs: Tensor) -> Tensor:
+        """[..., obs_dim] raw -> normalized observations (identity without a normalizer)."""
+        return obs if self.normalizer is None else self.normalizer(obs)
+
+    def update_normalizer(self, obs: Tensor) -> None:
+        """Merge raw observations [..., obs_dim] into the normalizer statistics (no-op without one)."""
+        if self.normalizer is not None:
+            self.normalizer.update(obs)
+
+    def _distribution_and_value(self, obs: Tensor) -> tuple[Normal, Tensor]:
+        normalized = self.normalize(obs)
+        mean = self.actor(normalized)
+        return Normal(mean, self.log_std.exp().expand_as(mean)), self.critic(normalized).squeeze(-1)
+
+    def distribution(self, obs: Tensor) -> Normal:
+        """The action distribution for raw observations [..., obs_dim]; batch shape [..., act_dim]."""
+        normalized = self.normalize(obs)
+        mean = self.actor(normalized)
+        return Normal(mean, self.log_std.exp().expand_as(mean))
+
+    def act(
+        self, obs: Tensor, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Choose actions. Call under `torch.no_grad()` when collecting rollouts.
+
+        Args:
+            obs: [..., obs_dim] raw observations.
+            deterministic: Return the mean instead of a sample.
+            generator: Random source for the sample.
+
+        Returns:
+            action [..., act_dim], log_prob [...] (summed over action dims), value [...].
+        """
+        dist, value = self._distribution_and_value(obs)
+        if deterministic:
+            action = dist.mean
+        else:
+            noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype, device=dist.mean.device)
+            action = dist.mean + dist.stddev * noise
+        return action, dist.log_prob(action).sum(-1), value
+
+    def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Log-probability, entropy and value of given actions, differentiable (the PPO `evaluate`).
+
+        Args:
+            obs: [..., obs_dim] raw observations.
+            actions: [..., act_dim] actions.
+
+        Returns:
+            log_prob [...], entropy [...] (both summed over action dims), value [...].
+        """
+        dist, value = self._distribution_and_value(obs)
+        return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1), value
+
+    def value(self, obs: Tensor) -> Tensor:
+        """State values [...] for raw observations [..., obs_dim]."""
+        return self.critic(self.normalize(obs)).squeeze(-1)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Deterministic action (the mean) [..., act_dim] for raw observations; the exported graph."""
+        return self.actor(self.normalize(obs))
+
+
+class CategoricalMLPPolicy(nn.Module):
+    """Categorical actor (MLP logits) with an MLP critic; the MLSH master.
+
+    Attributes:
+        config: Constructor keyword arguments as a plain dict; `CategoricalMLPPolicy(**config)` rebuilds it.
+        normalizer: Observation normalizer, or None when `normalize=False`.
+        actor: MLP [..., obs_dim] -> [..., num_actions] logits.
+        critic: MLP [..., obs_dim] -> [..., 1] state value.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        num_actions: int,
+        hidden: Sequence[int] = (32, 32),
+        activation: str = "tanh",
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("obs_dim", obs_dim)
+        _check_positive_int("num_actions", num_actions)
+        self.config: dict[str, Any] = {
+            "obs_dim": obs_dim,
+            "num_actions": num_actions,
+            "hidden": list(hidden),
+            "activation": activation,
+            "normalize": bool(normalize),
+        }
+        self.obs_dim = obs_dim
+        self.num_actions = num_actions
+        self.normalizer = RunningNormalizer(obs_dim) if normalize else None
+        self.actor = mlp(obs_dim, hidden, num_actions, activation, init_output_gain=POLICY_OUTPUT_GAIN)
+        self.critic = mlp(obs_dim, hidden, 1, activation, init_output_gain=VALUE_OUTPUT_GAIN)
+
+    def normalize(self, obs: Tensor) -> Tensor:
+        """[..., obs_dim] raw -> normalized observations (identity without a normalizer)."""
+        return obs if self.normalizer is None else self.normalizer(obs)
+
+    def update_normalizer(self, obs: Tensor) -> None:
+        """Merge raw observations [..., obs_dim] into the normalizer statistics (no-op without one)."""
+        if self.normalizer is not None:
+            self.normalizer.update(obs)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialize actor and critic weights (as at construction) and reset the normalizer."""
+        init_mlp_(self.actor, POLICY_OUTPUT_GAIN, generator)
+        init_mlp_(self.critic, VALUE_OUTPUT_GAIN, generator)
+        if self.normalizer is not None:
+            self.normalizer.reset()
+
+    def logits(self, obs: Tensor) -> Tensor:
+        """Unnormalized log-probabilities [..., num_actions] for raw observations [..., obs_dim]."""
+        return self.actor(self.normalize(obs))
+
+    def distribution(self, obs: Tensor) -> Categorical:
+        """The action distribution for raw observations [..., obs_dim]; batch shape [...]."""
+        return Categorical(logits=self.logits(obs))
+
+    def act(
+        self,
+        obs: Tensor,
+        deterministic: bool = False,
+        epsilon: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Choose actions, optionally epsilon-greedy. Call under `torch.no_grad()` for rollouts.
+
+        Args:
+            obs: [..., obs_dim] raw observations.
+            deterministic: Take the most likely action instead of sampling.
+            epsilon: Probability, per row, of replacing the choice by a uniformly random one (MLSH
+                master exploration); applies in deterministic mode too (epsilon-greedy).
+            generator: Random source for sampling and for the epsilon draws.
+
+        Returns:
+            action [...] (int64), log_prob [...] under the policy's own distribution, value [...].
+        """
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon!r}")
+        normalized = self.normalize(obs)
+        logits = self.actor(normalized)
+        dist = Categorical(logits=logits)
+        if deterministic:
+            action = logits.argmax(dim=-1)
+        else:
+            flat = torch.multinomial(dist.probs.reshape(-1, self.num_actions), 1, generator=generator)
+            action = flat.reshape(logits.shape[:-1])
+        if epsilon > 0.0:
+            explore = torch.rand(action.shape, generator=generator, device=action.device) < epsilon
+            uniform = torch.randint(
+                self.num_actions, action.shape, generator=generator, device=action.device, dtype=action.dtype
+            )
+            action = torch.where(explore, uniform, action)
+        return action, dist.log_prob(action), self.critic(normalized).squeeze(-1)
+
+    def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Log-probability, entropy and value of given actions, differentiable (the PPO `evaluate`).
+
+        Args:
+            obs: [..., obs_dim] raw observations.
+            actions: [...] integer actions.
+
+        Returns:
+            log_prob [...], entropy [...], value [...].
+        """
+        normalized = self.normalize(obs)
+        dist = Categorical(logits=self.actor(normalized))
+        return dist.log_prob(actions.long()), dist.entropy(), self.critic(normalized).squeeze(-1)
+
+    def value(self, obs: Tensor) -> Tensor:
+        """State values [...] for raw observations [..., obs_dim]."""
+        return self.critic(self.normalize(obs)).squeeze(-1)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        """Logits [..., num_actions] for raw observations; the exported graph."""
+        return self.logits(obs)
+
+
+class MLSHPolicy(nn.Module):
+    """Meta Learning Shared Hierarchies (Frans et al. 2017): a master over K shared sub-policies.
+
+    The master (categorical over K options, with its own normalizer) picks a sub-policy every
+    `macro_steps` control steps and is the only part adapted on a new task; the K Gaussian
+    sub-policies share one normalizer and are trained across tasks. Rollout logic (when the master
+    acts) belongs to the caller; `macro_steps` is carried here so the policy is self-describing.
+
+    Attributes:
+        config: Constructor keyword arguments as a plain dict; `MLSHPolicy(**config)` rebuilds it.
+        master: CategoricalMLPPolicy over `num_subpolicies` options.
+        sub_normalizer: RunningNormalizer shared by all sub-policies.
+        subpolicies: K GaussianMLPPolicy(normalize=False).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        num_subpolicies: int = 4,
+        macro_steps: int = 10,
+        sub_hidden: Sequence[int] = (64, 64),
+        master_hidden: Sequence[int] = (32, 32),
+        activation: str = "tanh",
+        init_log_std: float = -1.0,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("obs_dim", obs_dim)
+        _check_positive_int("act_dim", act_dim)
+        _check_positive_int("num_subpolicies", num_subpolicies)
+        _check_positive_int("macro_steps", macro_steps)
+        self.config: dict[str, Any] = {
+            "obs_dim": obs_dim,
+            "act_dim": act_dim,
+            "num_subpolicies": num_subpolicies,
+            "macro_steps": macro_steps,
+            "sub_hidden": list(sub_hidden),
+            "master_hidden": list(master_hidden),
+            "activation": activation,
+            "init_log_std": float(init_log_std),
+        }
+        self.obs_dim = obs_dim
+        self.act_dim = act_dim
+        self.num_subpolicies = num_subpolicies
+        self.macro_steps = macro_steps
+        self.master = CategoricalMLPPolicy(obs_dim, num_subpolicies, master_hidden, activation, normalize=True)
+        self.sub_normalizer = RunningNormalizer(obs_dim)
+        self.subpolicies = nn.ModuleList(
+            GaussianMLPPolicy(obs_dim, act_dim, sub_hidden, activation, init_log_std, normalize=False)
+            for _ in range(num_subpolicies)
+        )
+
+    def reset_master(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialize the master's weights and normalizer (start of a new task); sub-policies untouched."""
+        self.master.reset_parameters(generator)
+
+    def update_normalizer(self, obs: Tensor, master: bool = True, subpolicies: bool = True) -> None:
+        """Merge raw observations [..., obs_dim] into the master and/or shared sub-policy normalizer.
+
+        During adaptation only the master's statistics should move: pass `subpolicies=False`.
+        """
+        if master:
+            self.master.update_normalizer(obs)
+        if subpolicies:
+            self.sub_normalizer.update(obs)
+
+    def _all_subpolicies(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Means [..., K, act_dim], log stds [K, act_dim] and values [..., K] of every sub-policy."""
+        normalized = self.sub_normalizer(obs)
+        means = torch.stack([sub.actor(normalized) for sub in self.subpolicies], dim=-2)
+        values = torch.cat([sub.critic(normalized) for sub in self.subpolicies], dim=-1)
+        log_stds = torch.stack([sub.log_std for sub in self.subpolicies], dim=0)
+        return means, log_stds, values
+
+    def _chosen_distribution(self, obs: Tensor, options: Tensor) -> tuple[Normal, Tensor]:
+        """The chosen sub-policy's distribution (batch [..., act_dim]) and value [...] for each row."""
+        if options.shape != obs.shape[:-1]:
+            raise ValueError(
+                f"options must have the observations' leading shape {tuple(obs.shape[:-1])}, got {tuple(options.shape)}"
+            )
+        options = options.long()
+        if options.numel() and (int(options.min()) < 0 or int(options.max()) >= self.num_subpolicies):
+            raise ValueError(
+                f"options must be in [0, {self.num_subpolicies}), got values in "
+                f"[{int(options.min())}, {int(options.max())}]"
+            )
+        # Small K: compute every sub-policy and gather the chosen one per row.
+        means, log_stds, values = self._all_subpolicies(obs)
+        index = options[..., None, None].expand(*options.shape, 1, self.act_dim)
+        mean = means.gather(-2, index).squeeze(-2)
+        std = log_stds[options].exp()
+        value = values.gather(-1, options[..., None]).squeeze(-1)
+        return Normal(mean, std), value
+
+    def sub_act(
+        self,
+        obs: Tensor,
+        option: Tensor,
+        deterministic: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Act with the sub-policy chosen for each row. Call under `torch.no_grad()` for rollouts.
+
+        Args:
+            obs: [..., obs_dim] raw observations.
+            option: [...] int64 sub-policy index per row, in [0, num_subpolicies).
+            deterministic: Return the chosen sub-policy's mean instead of a sample.
+            generator: Random source for the sample.
+
+        Returns:
+            action [..., act_dim], log_prob [...] (summed over action dims), value [...] of the
+            chosen sub-policy's critic.
+        """
+        dist, value = self._chosen_distribution(obs, option)
+        if deterministic:
+            action = dist.mean
+        else:
+            noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype, device=dist.mean.device)
+            action = dist.mean + dist.stddev * noise
+        return action, dist.log_prob(action).sum(-1), value
+
+    def sub_evaluate(self, obs: Tensor, options: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Differentiable log_prob [...], entropy [...] and value [...] under each row's sub-policy.
+
+        Gradients reach only the sub-policies that were chosen. For PPO, bind the options in a
+        closure: `lambda obs, act: policy.sub_evaluate(obs, options_minibatch, act)` or pack
+        options into the obs tensor.
+
+        Args:
+            obs: [..., obs_dim] raw observations.
+            options: [...] sub-policy index per row.
+            actions: [..., act_dim] actions.
+        """
+        dist, value = self._chosen_distribution(obs, options)
+        return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1), value
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """The exported graph: master logits and every sub-policy's deterministic action.
+
+        Args:
+            obs: [..., obs_dim] raw observations (each normalizer applied once inside).
+
+        Returns:
+            master_logits [..., K], sub_actions [..., K, act_dim].
+        """
+        means, _, _ = self._all_subpolicies(obs)
+        return self.master(obs), means
+
+    def master_state_dict(self) -> dict[str, Tensor]:
+        """A detached copy of the adaptable part: master weights and master normalizer."""
+        return {key: value.detach().clone() for key, value in self.master.state_dict().items()}
+
+    def load_master_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
+        """Load the adaptable part saved by `master_state_dict` (strict: keys and shapes must match)."""
+        self.master.load_state_dict(state_dict, strict=True)
