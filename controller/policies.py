@@ -314,13 +314,9 @@ class MLSHPolicy(nn.Module):
         if subpolicies:
             self.sub_normalizer.update(obs)
 
-    def _all_subpolicies(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Means [..., K, act_dim], log stds [K, act_dim] and values [..., K] of every sub-policy."""
-        normalized = self.sub_normalizer(obs)
-        means = torch.stack([sub.actor(normalized) for sub in self.subpolicies], dim=-2)
-        values = torch.cat([sub.critic(normalized) for sub in self.subpolicies], dim=-1)
-        log_stds = torch.stack([sub.log_std for sub in self.subpolicies], dim=0)
-        return means, log_stds, values
+    def _sub_means(self, normalized: Tensor) -> Tensor:
+        """Every sub-policy's action mean [..., K, act_dim] for normalized observations [..., obs_dim]."""
+        return torch.stack([sub.actor(normalized) for sub in self.subpolicies], dim=-2)
 
     def _chosen_distribution(self, obs: Tensor, options: Tensor) -> tuple[Normal, Tensor]:
         """The chosen sub-policy's distribution (batch [..., act_dim]) and value [...] for each row."""
@@ -335,7 +331,10 @@ class MLSHPolicy(nn.Module):
                 f"[{int(options.min())}, {int(options.max())}]"
             )
         # Small K: compute every sub-policy and gather the chosen one per row.
-        means, log_stds, values = self._all_subpolicies(obs)
+        normalized = self.sub_normalizer(obs)
+        means = self._sub_means(normalized)
+        log_stds = torch.stack([sub.log_std for sub in self.subpolicies], dim=0)
+        values = torch.cat([sub.critic(normalized) for sub in self.subpolicies], dim=-1)
         index = options[..., None, None].expand(*options.shape, 1, self.act_dim)
         mean = means.gather(-2, index).squeeze(-2)
         std = log_stds[options].exp()
@@ -372,9 +371,10 @@ class MLSHPolicy(nn.Module):
     def sub_evaluate(self, obs: Tensor, options: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Differentiable log_prob [...], entropy [...] and value [...] under each row's sub-policy.
 
-        Gradients reach only the sub-policies that were chosen. For PPO, bind the options in a
-        closure: `lambda obs, act: policy.sub_evaluate(obs, options_minibatch, act)` or pack
-        options into the obs tensor.
+        Gradients reach only the sub-policies that were chosen. For `ppo_update`, carry the options
+        beside the observations (`batch["obs"] = (obs, options)`) and pass
+        `lambda obs, act: policy.sub_evaluate(obs[0], obs[1], act)`. Do not call
+        `subpolicies[k].evaluate` on raw observations: it would skip the shared normalizer.
 
         Args:
             obs: [..., obs_dim] raw observations.
@@ -393,8 +393,7 @@ class MLSHPolicy(nn.Module):
         Returns:
             master_logits [..., K], sub_actions [..., K, act_dim].
         """
-        means, _, _ = self._all_subpolicies(obs)
-        return self.master(obs), means
+        return self.master(obs), self._sub_means(self.sub_normalizer(obs))
 
     def master_state_dict(self) -> dict[str, Tensor]:
         """A detached copy of the adaptable part: master weights and master normalizer."""

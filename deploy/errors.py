@@ -17,8 +17,8 @@ class ProtocolError(LinkError):
     """A frame or message does not follow serial protocol v1.
 
     Attributes:
-        kind: What was wrong, for counting: one of "cobs", "short", "crc", "version", "length",
-            "type", "payload" (None when raised outside frame decoding).
+        kind: What was wrong, so a decoder can count it: one of "oversize", "cobs", "short", "crc",
+            "version", "length", "type", "payload"; None when no frame is involved.
     """
 
     def __init__(self, message: str, *, kind: str | None = None) -> None:

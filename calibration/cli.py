@@ -1,0 +1,175 @@
+"""`metactl`: the one command-line front door. It parses and dispatches; each subcommand's logic
+lives in the package that owns it, imported only when that subcommand runs (so `metactl deploy`
+on the robot's computer never imports PyBullet).
+
+It sits in calibration/ because calibration is the one package allowed to import all the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from controller.errors import MetactlError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from sim.training import train
+
+    run_dir = train(args.config, args.set, run_dir=args.run_dir, calibration=args.calibration, progress=not args.quiet)
+    print(f"run directory: {run_dir.path}")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    return [float(value) for value in text.split(",")]
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    from sim.emulator import serve
+
+    serve(
+        args.robot,
+        args.task,
+        lockstep=args.lockstep,
+        joint_offsets=args.joint_offsets,
+        gyro_bias=args.gyro_bias,
+        supports_reset=not args.refuse_reset,
+        duration=args.seconds,
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from deploy.export import export_run
+
+    bundle = export_run(args.run_dir, args.output)
+    print(f"bundle written to {bundle}")
+    return 0
+
+
+def _calibration(path: str | None):
+    if path is None:
+        return None
+    from calibration.files import load_calibration
+
+    return load_calibration(path).for_deploy()
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from deploy.control import deploy
+
+    deploy(
+        args.bundle,
+        args.port,
+        episodes=args.episodes,
+        seconds=args.seconds,
+        command_vx=args.command_vx,
+        calibration=_calibration(args.calibration),
+        reset_wait=args.reset_wait,
+    )
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    if args.rollback:
+        from deploy.bundle import rollback
+
+        print(f"rolled back {args.bundle} to {rollback(args.bundle)}")
+        return 0
+    if not args.port:
+        raise SystemExit("metactl adapt: --port is required (or --rollback)")
+    from deploy.adapt import adapt
+
+    result = adapt(
+        args.bundle,
+        args.port,
+        num_episodes=args.k,
+        eval_episodes=args.eval_episodes,
+        seconds=args.seconds,
+        command_vx=args.command_vx,
+        calibration=_calibration(args.calibration),
+        reset_wait=args.reset_wait,
+    )
+    print(f"return before: {result.return_before:.1f}  (evaluation episodes: {_fmt(result.before_returns)})")
+    print(f"adaptation episodes: {_fmt(result.adaptation_returns)}  (update {result.update_seconds:.2f} s)")
+    print(f"return after:  {result.return_after:.1f}  (evaluation episodes: {_fmt(result.after_returns)})")
+    verdict = "kept" if result.kept else "rejected (worse); bundle unchanged"
+    print(f"candidate {result.candidate}: {verdict}; bundle is at {result.version}; plot: {result.plot}")
+    return 0
+
+
+def _fmt(values: list[float]) -> str:
+    return ", ".join(f"{value:.1f}" for value in values)
+
+
+def _robot_arguments(parser: argparse.ArgumentParser, required_port: bool = True) -> None:
+    parser.add_argument("bundle", help="bundle directory")
+    parser.add_argument("--port", required=required_port, help="serial device, pty path, socket://host:port or loop://")
+    parser.add_argument("--seconds", type=float, default=10.0, help="episode length")
+    parser.add_argument("--command-vx", type=float, default=0.5, help="forward velocity command (m/s)")
+    parser.add_argument("--calibration", help="calibration YAML from `metactl calibrate`")
+    parser.add_argument("--reset-wait", type=float, help="seconds to wait for the operator when the robot cannot reset")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metactl", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="meta-train a policy in simulation")
+    train.add_argument("config", help="training YAML, e.g. configs/a1_terrain.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    train.add_argument("--run-dir", help="where to write the run (default: runs/<config name>)")
+    train.add_argument("--calibration", help="calibration YAML: re-centre the task ranges on identified values")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train)
+
+    export = commands.add_parser("export", help="turn a run's latest checkpoint into a bundle for the robot")
+    export.add_argument("run_dir")
+    export.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    export.set_defaults(handler=_export)
+
+    emulate = commands.add_parser("emulate", help="a simulated robot speaking the serial protocol on a pty")
+    emulate.add_argument("--robot", default="a1")
+    emulate.add_argument("--task", help="task YAML: dynamics the host is not told")
+    emulate.add_argument("--lockstep", action="store_true", help="advance one control step per Command")
+    emulate.add_argument("--joint-offsets", type=_floats, help="comma-separated encoder zero offsets (rad)")
+    emulate.add_argument("--gyro-bias", type=_floats, help="comma-separated gyro bias x,y,z (rad/s)")
+    emulate.add_argument("--refuse-reset", action="store_true", help="act like a real robot that cannot reset")
+    emulate.add_argument("--seconds", type=float, help="stop after this long")
+    emulate.set_defaults(handler=_emulate)
+
+    deploy = commands.add_parser("deploy", help="run a bundle on the robot")
+    _robot_arguments(deploy)
+    deploy.add_argument("--episodes", type=int, default=1)
+    deploy.set_defaults(handler=_deploy)
+
+    adapt = commands.add_parser("adapt", help="adapt the MLSH master on the robot from K episodes")
+    _robot_arguments(adapt, required_port=False)
+    adapt.add_argument("-k", type=int, default=3, help="adaptation episodes")
+    adapt.add_argument("--eval-episodes", type=int, default=1, help="evaluation episodes before and after")
+    adapt.add_argument("--rollback", action="store_true", help="restore the previous version of the bundle")
+    adapt.set_defaults(handler=_adapt)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.handler(args)
+    except MetactlError as error:
+        print(f"metactl {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"metactl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""`metactl export`: a training run directory -> a bundle directory (torch + onnx)."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import platform
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import yaml
+
+from controller.mapping import ObservationMapping
+from controller.policies import MLSHPolicy
+from controller.robot import RobotSpec, load_robot_spec, robot_spec_from_dict
+from controller.rundir import RunDir, atomic_write_bytes, load_torch, save_torch
+from deploy.bundle import (
+    FORMAT_VERSION,
+    FULL_POLICY,
+    INPUT_NAME,
+    MANIFEST,
+    MASTER,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    POLICY,
+    archive_current,
+    manifest_json,
+)
+from deploy.errors import BundleError
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("metactl", "torch", "onnx", "onnxruntime", "numpy", "pybullet"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def onnx_bytes(policy: MLSHPolicy, manifest: dict[str, Any]) -> bytes:
+    """Export the MLSH graph with a dynamic batch and the manifest as metadata; self-contained bytes."""
+    policy.eval()
+    example = torch.zeros(2, policy.obs_dim)
+    # The exporter logs a warning per optional torchvision op; none of them is in this graph.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
+        program = torch.onnx.export(
+            policy,
+            (example,),
+            None,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={"obs": {0: torch.export.Dim("batch")}},
+        )
+    model = program.model_proto
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, manifest_json(manifest)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def build_manifest(
+    spec: RobotSpec, policy: MLSHPolicy, training: dict[str, Any], version: str = "v0", history: list | None = None
+) -> dict[str, Any]:
+    mapping = ObservationMapping(spec)
+    return {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "history": history or [{"version": version, "created": _now(), "reason": "export"}],
+        "robot": spec.name,
+        "robot_fingerprint": spec.fingerprint(),
+        "robot_spec": spec.to_dict(),
+        "joint_names": list(spec.joint_names),
+        "control_rate_hz": spec.control_rate_hz,
+        "action_scale": spec.action_scale,
+        "observation": {"dim": mapping.obs_dim, "hash": mapping.layout_hash, "layout": mapping.layout},
+        "action_dim": mapping.act_dim,
+        "algorithm": "mlsh",
+        "policy": {
+            "num_subpolicies": policy.num_subpolicies,
+            "macro_steps": policy.macro_steps,
+            "inputs": [INPUT_NAME],
+            "outputs": list(OUTPUT_NAMES),
+            "config": _plain(policy.config),
+        },
+        "adaptable": MASTER,
+        "versions": package_versions(),
+        "training": training,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_version_to(directory: Path, policy: MLSHPolicy, manifest: dict[str, Any]) -> Path:
+    """Write policy.onnx, master.pt and manifest.yaml (a loadable bundle version) into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(directory / POLICY, onnx_bytes(policy, manifest))
+    save_torch(policy.master_state_dict(), directory / MASTER)
+    atomic_write_bytes(directory / MANIFEST, yaml.safe_dump(manifest, sort_keys=False).encode())
+    return directory
+
+
+def write_version(bundle_dir: Path, policy: MLSHPolicy, manifest: dict[str, Any]) -> None:
+    """Write the current version to the bundle root and archive it under versions/."""
+    write_version_to(bundle_dir, policy, manifest)
+    archive_current(bundle_dir)
+
+
+def load_policy_file(path: Path) -> MLSHPolicy:
+    """Rebuild the full policy from policy.pt (weights only, no code executed)."""
+    data = load_torch(path)
+    try:
+        policy = MLSHPolicy(**data["config"])
+        policy.load_state_dict(data["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise BundleError(f"{path} does not hold an MLSH policy: {error}") from error
+    return policy
+
+
+def export_run(run_dir: str | Path, bundle_dir: str | Path) -> Path:
+    """Export the latest checkpoint of a run to a fresh bundle (version v0).
+
+    Raises:
+        BundleError: if the run has no checkpoint or the bundle directory already holds a bundle.
+    """
+    from tqdm import tqdm
+
+    run = RunDir(run_dir)
+    bundle_dir = Path(bundle_dir)
+    if (bundle_dir / MANIFEST).exists():
+        raise BundleError(f"{bundle_dir} already holds a bundle; export to a new directory")
+    if not run.has_checkpoint():
+        raise BundleError(f"{run.path} has no checkpoint to export")
+    with tqdm(total=3, desc="export", leave=False) as bar:
+        checkpoint = run.load_checkpoint()
+        config = run.read_config()
+        spec = (
+            load_robot_spec(config["robot"])
+            if isinstance(config["robot"], str)
+            else robot_spec_from_dict(config["robot"])
+        )
+        policy = MLSHPolicy(**checkpoint["policy_config"])
+        policy.load_state_dict(checkpoint["policy"])
+        bar.update(1)
+        metrics = run.read_metrics()
+        training = {
+            "command": config.get("command"),
+            "config": {k: v for k, v in config.items() if k != "command"},
+            "seed": config.get("seed"),
+            "run_dir": str(run.path),
+            "total_steps": int(checkpoint["total_steps"]),
+            "wall_time_s": float(checkpoint.get("wall_time_s", 0.0)),
+            "final_return": metrics[-1].get("episode_return") if metrics else None,
+        }
+        manifest = build_manifest(spec, policy, training)
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        save_torch({"config": policy.config, "state_dict": policy.state_dict()}, bundle_dir / FULL_POLICY)
+        bar.update(1)
+        write_version(bundle_dir, policy, manifest)
+        bar.update(1)
+    return bundle_dir

@@ -1,0 +1,99 @@
+"""onnxruntime policy runtime for a bundle: MLSH option state lives here, not in the caller.
+
+numpy + onnxruntime only (no torch): this is what runs on the robot's computer.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from deploy.bundle import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, Bundle, load_bundle, manifest_json
+from deploy.errors import BundleError
+
+
+def make_session(path: Path, optimized_path: Path | None = None) -> ort.InferenceSession:
+    """A session tuned for batch-1 latency: one thread, sequential execution, full graph optimization."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types for bad files
+        raise BundleError(f"onnxruntime cannot load {path}: {error}") from error
+
+
+class PolicyRuntime:
+    """Runs a bundle's policy one control tick at a time.
+
+    The master picks a sub-policy every `macro_steps` ticks (argmax when deterministic, sampled
+    otherwise); between picks the chosen sub-policy's action is returned.
+    """
+
+    def __init__(self, bundle: Bundle | str | Path, rng: np.random.Generator | None = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.rng = rng or np.random.default_rng(0)
+        self._lock = threading.Lock()
+        self._load(self.bundle)
+        self.reset()
+
+    def _load(self, bundle: Bundle) -> None:
+        model = onnx.load(str(bundle.policy_path), load_external_data=False)
+        stored = {entry.key: entry.value for entry in model.metadata_props}.get(METADATA_KEY)
+        if stored is None or json.loads(stored) != json.loads(manifest_json(bundle.manifest)):
+            raise BundleError(f"{bundle.policy_path}: the ONNX metadata does not match {bundle.path / 'manifest.yaml'}")
+        session = make_session(bundle.policy_path)
+        inputs = [node.name for node in session.get_inputs()]
+        outputs = [node.name for node in session.get_outputs()]
+        if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
+            raise BundleError(
+                f"{bundle.policy_path}: expected inputs {[INPUT_NAME]} outputs {list(OUTPUT_NAMES)}, "
+                f"got {inputs} {outputs}"
+            )
+        self._session = session
+        self.bundle = bundle
+        self.obs_dim = int(bundle.manifest["observation"]["dim"])
+        self.macro_steps = bundle.macro_steps
+
+    def reload(self, path: str | Path | None = None) -> None:
+        """Load a (new) version of the bundle; the swap itself happens between ticks under a lock."""
+        bundle = load_bundle(path or self.bundle.path)
+        session_owner = PolicyRuntime.__new__(PolicyRuntime)
+        session_owner._load(bundle)  # slow part, outside the lock
+        with self._lock:
+            self._session, self.bundle = session_owner._session, bundle
+            self.macro_steps = bundle.macro_steps
+
+    def reset(self) -> None:
+        self.option = -1
+        self._ticks_left = 0
+
+    def infer(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """obs [obs_dim] or [B, obs_dim] -> (master_logits [B, K], sub_actions [B, K, act_dim])."""
+        batch = np.asarray(obs, dtype=np.float32).reshape(-1, self.obs_dim)
+        with self._lock:
+            logits, actions = self._session.run(None, {INPUT_NAME: batch})
+        return logits, actions
+
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> tuple[np.ndarray, dict]:
+        """One tick: returns the action [act_dim] and info (option, whether the master chose now)."""
+        logits, actions = self.infer(obs)
+        chose = self._ticks_left <= 0
+        if chose:
+            if deterministic:
+                self.option = int(np.argmax(logits[0]))
+            else:
+                probs = np.exp(logits[0] - logits[0].max())
+                self.option = int(self.rng.choice(len(probs), p=probs / probs.sum()))
+            self._ticks_left = self.macro_steps
+        self._ticks_left -= 1
+        return actions[0, self.option], {"option": self.option, "chose": chose, "logits": logits[0]}
