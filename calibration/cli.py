@@ -100,8 +100,33 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(values: list[float]) -> str:
-    return ", ".join(f"{value:.1f}" for value in values)
+def _calibrate(args: argparse.Namespace) -> int:
+    from calibration.offsets import calibrate_offsets
+    from controller.robot import load_robot_spec
+
+    result = calibrate_offsets(args.port, load_robot_spec(args.robot), seconds=args.seconds, reset_wait=args.reset_wait)
+    result.save(args.output)
+    print(f"joint offsets (rad): {_fmt(result.joint_offsets, 4)}")
+    print(f"gyro bias (rad/s):   {_fmt(result.gyro_bias, 4)}")
+    print(f"from {result.recording['samples']} samples; written to {args.output}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import json
+
+    from calibration.demo import run_demo
+
+    summary = run_demo(
+        quick=args.quick, k=args.k, seconds=args.seconds, lockstep=not args.realtime, bundle=args.bundle, task=args.task
+    )
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _fmt(values: list[float], digits: int = 1) -> str:
+    return ", ".join(f"{value:.{digits}f}" for value in values)
 
 
 def _robot_arguments(parser: argparse.ArgumentParser, required_port: bool = True) -> None:
@@ -152,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--eval-episodes", type=int, default=1, help="evaluation episodes before and after")
     adapt.add_argument("--rollback", action="store_true", help="restore the previous version of the bundle")
     adapt.set_defaults(handler=_adapt)
+
+    demo = commands.add_parser("demo", help="emulated robot on held-out terrain: deploy, adapt, before/after")
+    demo.add_argument("--quick", action="store_true", help="train a tiny policy first instead of the shipped bundle")
+    demo.add_argument("--json", action="store_true", help="end with one JSON line")
+    demo.add_argument("-k", type=int, default=3, help="adaptation episodes")
+    demo.add_argument("--seconds", type=float, default=10.0, help="episode length")
+    demo.add_argument("--realtime", action="store_true", help="emulator in real time instead of lockstep")
+    demo.add_argument("--bundle", help="bundle to use instead of the shipped one")
+    demo.add_argument("--task", help="task YAML for the emulator instead of the held-out one")
+    demo.set_defaults(handler=_demo)
+
+    calibrate = commands.add_parser("calibrate", help="measure the robot: sensor offsets")
+    steps = calibrate.add_subparsers(dest="step", required=True)
+    offsets = steps.add_parser("offsets", help="joint zero offsets and gyro bias from a static recording")
+    offsets.add_argument("--port", required=True)
+    offsets.add_argument("--robot", default="a1")
+    offsets.add_argument("--seconds", type=float, default=3.0, help="recording length")
+    offsets.add_argument("-o", "--output", default="calibration.yaml")
+    offsets.add_argument("--reset-wait", type=float, help="seconds to wait for the operator if the robot cannot reset")
+    offsets.set_defaults(handler=_calibrate)
     return parser
 
 
