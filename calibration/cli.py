@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 
 from controller.errors import MetactlError
@@ -17,7 +18,14 @@ from controller.errors import MetactlError
 def _train(args: argparse.Namespace) -> int:
     from sim.training import train
 
-    run_dir = train(args.config, args.set, run_dir=args.run_dir, calibration=args.calibration, progress=not args.quiet)
+    run_dir = train(
+        args.config,
+        args.set,
+        run_dir=args.run_dir,
+        calibration=args.calibration,
+        progress=not args.quiet,
+        command=shlex.join(["metactl", *args.argv]),
+    )
     print(f"run directory: {run_dir.path}")
     return 0
 
@@ -202,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

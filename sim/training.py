@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +136,7 @@ def train(
     run_dir: str | Path | None = None,
     calibration: str | Path | None = None,
     progress: bool = True,
+    command: str | None = None,
 ) -> RunDir:
     """Train (or resume) a run; returns its run directory."""
     config = load_train_config(config_path, overrides)
@@ -150,7 +149,7 @@ def train(
     stem = Path(config_path).stem if config_path is not None else "default"
     run_dir = RunDir(run_dir or config.run_dir or Path("runs") / stem)
     resolved = to_dict(config)
-    resolved["command"] = shlex.join(["metactl", *sys.argv[1:]]) if sys.argv and "metactl" in sys.argv[0] else None
+    resolved["command"] = command
     if run_dir.has_checkpoint():
         previous = run_dir.read_config()
         if {k: v for k, v in previous.items() if k != "command"} != {

@@ -106,6 +106,7 @@ def test_foreign_or_missing_checkpoint(run, tmp_path):
 
 def test_checkpoint_with_arbitrary_object_is_refused(run):
     # weights_only loading never runs pickled code: an arbitrary class is refused as CheckpointError.
+    run.checkpoint_path.parent.mkdir(parents=True)
     torch.save({"object": Path("x")}, run.checkpoint_path)
     with pytest.raises(CheckpointError):
         run.load_checkpoint()
