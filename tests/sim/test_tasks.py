@@ -160,7 +160,11 @@ def test_malformed_ranges(spec, match):
 
 def test_sample_tasks_is_deterministic_for_a_seeded_generator():
     distribution = TaskDistribution.from_dict(
-        {"friction": {"low": 0.3, "high": 1.2}, "kp_scale": {"low": 0.5, "high": 2.0, "log": True}, "command_vx": [0, 1]}
+        {
+            "friction": {"low": 0.3, "high": 1.2},
+            "kp_scale": {"low": 0.5, "high": 2.0, "log": True},
+            "command_vx": [0, 1],
+        }
     )
     first = distribution.sample_tasks(5, np.random.default_rng(42))
     assert first == distribution.sample_tasks(5, np.random.default_rng(42))
