@@ -22,6 +22,7 @@ from deploy.bundle import FULL_POLICY, MASTER, load_bundle, next_version, promot
 from deploy.control import Episode, run_episodes
 from deploy.errors import BundleError
 from deploy.export import load_policy_file, write_version_to
+from deploy.protocol import Capability
 from deploy.robot import RobotEnv
 from deploy.runtime import PolicyRuntime
 
@@ -177,6 +178,12 @@ def adapt(
     try:
         capabilities = env.connect()
         bundle.check_robot(capabilities.robot, capabilities.joint_names, capabilities.control_rate_hz)
+        if not capabilities.flags & Capability.BASE_VELOCITY:
+            # The tracking reward needs the base velocity; without it every return would be NaN.
+            raise BundleError(
+                f"the robot on {url} does not report base velocity (Capability.BASE_VELOCITY); "
+                "adaptation needs it to score episodes"
+            )
         before = run_episodes(env, runtime, eval_episodes, progress=label("evaluate before"))
         collected = run_episodes(env, runtime, num_episodes, deterministic=False, progress=label("adapt episodes"))
         usable = [episode for episode in collected if episode.complete]

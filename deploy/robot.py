@@ -89,7 +89,7 @@ class RobotEnv:
             accel=message.accel.astype(np.float64),
             base_vel=message.base_vel.astype(np.float64),
             joint_torque=message.joint_torque.astype(np.float64),
-            command=self.command,
+            command=self.command.copy(),
             tick=message.tick,
             time=message.time,
             fallen=bool(message.flags & StateFlag.FALLEN),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,9 @@ class Task:
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ConfigError(f"task parameter '{name}' must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
             low, high = PARAMETER_BOUNDS[name]
             if (low is not None and value < low) or (high is not None and value > high):
                 raise ConfigError(f"task parameter '{name}' = {value} is outside its physical range [{low}, {high}]")
@@ -152,9 +154,14 @@ class TaskDistribution:
     def recentred(self, values: Mapping[str, float]) -> TaskDistribution:
         """Shift each named range so its centre is the given (identified) value, keeping its width."""
         ranges = dict(self.ranges)
+        valid = [f.name for f in dataclasses.fields(Task)]
         for name, value in values.items():
+            if name not in valid:
+                raise ConfigError(f"cannot re-centre unknown task parameter '{name}'; valid: {', '.join(valid)}")
             if name not in ranges:
-                ranges[name] = ParameterRange(choices=[float(value)])
+                new = ParameterRange(choices=[float(value)])
+                new.check(name)
+                ranges[name] = new
                 continue
             old = ranges[name]
             if old.choices is not None:
