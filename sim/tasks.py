@@ -139,8 +139,10 @@ class TaskDistribution:
         return cls(ranges)
 
     def to_dict(self) -> dict[str, Any]:
+        # `is not` so that a 0.0 bound (== False) survives.
         return {
-            name: {k: v for k, v in to_dict(r).items() if v not in (None, False)} for name, r in self.ranges.items()
+            name: {k: v for k, v in to_dict(r).items() if v is not None and v is not False}
+            for name, r in self.ranges.items()
         }
 
     def sample_tasks(self, num_tasks: int, rng: np.random.Generator) -> list[Task]:
