@@ -110,6 +110,7 @@ class MLSHTrainer:
             "policy": self.policy.state_dict(),
             "policy_config": self.policy.config,
             "sub_optimizer": self.sub_optimizer.state_dict(),
+            "master_optimizer": self.master_optimizer.state_dict(),
             "group": self.group,
             "total_steps": self.total_steps,
             "num_metric_rows": self.num_metric_rows,
@@ -120,6 +121,8 @@ class MLSHTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])
         self.sub_optimizer.load_state_dict(state["sub_optimizer"])
+        if "master_optimizer" in state:
+            self.master_optimizer.load_state_dict(state["master_optimizer"])
         self.group = int(state["group"])
         self.total_steps = int(state["total_steps"])
         self.num_metric_rows = int(state["num_metric_rows"])
