@@ -133,6 +133,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from sim.evaluation import evaluate
+
+    ks = [int(value) for value in args.k.split(",")]
+    results = evaluate(
+        args.run_dir,
+        args.tasks,
+        ks,
+        baseline=args.baseline,
+        oracle=args.oracle,
+        eval_episodes=args.episodes,
+        seconds=args.seconds,
+        out_dir=args.out,
+    )
+    from sim.evaluation import markdown_table
+
+    print(markdown_table(results))
+    print("written: " + ", ".join(results["files"]))
+    if args.json:
+        print(json.dumps(results["summary"]))
+    return 0
+
+
 def _fmt(values: list[float], digits: int = 1) -> str:
     return ", ".join(f"{value:.{digits}f}" for value in values)
 
@@ -185,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--eval-episodes", type=int, default=1, help="evaluation episodes before and after")
     adapt.add_argument("--rollback", action="store_true", help="restore the previous version of the bundle")
     adapt.set_defaults(handler=_adapt)
+
+    evaluation = commands.add_parser("eval", help="meta-test: return after K adaptation episodes on held-out tasks")
+    evaluation.add_argument("run_dir")
+    evaluation.add_argument("--tasks", required=True, help="YAML with `tasks: [...]` (held-out tasks)")
+    evaluation.add_argument("-k", default="0,1,3,5", help="comma-separated adaptation episode counts")
+    evaluation.add_argument("--baseline", help="domain-randomized run: evaluated as is and fine-tuning all weights")
+    evaluation.add_argument("--oracle", help="run trained with the true task in its observation")
+    evaluation.add_argument("--episodes", type=int, default=2, help="evaluation episodes per task and K")
+    evaluation.add_argument("--seconds", type=float, default=10.0, help="episode length")
+    evaluation.add_argument("--out", help="where to write eval.md/json/png (default: the run directory)")
+    evaluation.add_argument("--json", action="store_true", help="end with one JSON line")
+    evaluation.set_defaults(handler=_eval)
 
     demo = commands.add_parser("demo", help="emulated robot on held-out terrain: deploy, adapt, before/after")
     demo.add_argument("--quick", action="store_true", help="train a tiny policy first instead of the shipped bundle")

@@ -9,17 +9,15 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from controller.policies import MLSHPolicy
-from controller.ppo import PPOConfig, compute_gae, ppo_update
+from controller.adaptation import AdaptConfig, update_master
 from controller.rundir import load_torch
 from deploy.bundle import FULL_POLICY, MASTER, load_bundle, next_version, promote
-from deploy.control import Episode, run_episodes
+from deploy.control import run_episodes
 from deploy.errors import BundleError
 from deploy.export import load_policy_file, write_version_to
 from deploy.protocol import Capability
@@ -27,22 +25,6 @@ from deploy.robot import RobotEnv
 from deploy.runtime import PolicyRuntime
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class AdaptConfig:
-    """Few-episode master update."""
-
-    gamma: float = 0.9
-    """Discount per macro-step."""
-    lam: float = 0.95
-    """GAE lambda per macro-step."""
-    ppo: PPOConfig = field(
-        default_factory=lambda: PPOConfig(
-            learning_rate=3e-3, epochs=20, num_minibatches=1, clip_ratio=0.2, target_kl=0.05, entropy_coef=0.0
-        )
-    )
-    """Trust region: clipped ratio and a KL stop over the few decisions available."""
 
 
 @dataclass
@@ -57,62 +39,6 @@ class AdaptResult:
     after_returns: list[float]
     update_seconds: float
     plot: str | None = None
-
-
-def macro_batch(policy: MLSHPolicy, episodes: list[Episode], config: AdaptConfig) -> dict[str, torch.Tensor]:
-    """Master transitions (decision obs, option, rollout log-prob, GAE advantages) from episodes."""
-    obs, options, log_probs, advantages, returns = [], [], [], [], []
-    for episode in episodes:
-        starts = [t for t, chose in enumerate(episode.chose) if chose]
-        if not starts:
-            continue
-        ends = starts[1:] + [episode.length]
-        rewards = np.array([np.sum(episode.rewards[a:b]) for a, b in zip(starts, ends)])
-        decision_obs = torch.as_tensor(np.stack([episode.obs[t] for t in starts]), dtype=torch.float32)
-        with torch.no_grad():
-            values = policy.master.value(decision_obs).numpy()
-        next_values = np.append(values[1:], 0.0)
-        terminated = np.zeros(len(starts), dtype=bool)
-        truncated = np.zeros(len(starts), dtype=bool)
-        if episode.terminated:
-            terminated[-1] = True
-        else:
-            truncated[-1] = True
-            next_values[-1] = values[-1]  # time limit: bootstrap from the last decision's value
-        adv, ret = compute_gae(rewards, values, next_values, terminated, truncated, config.gamma, config.lam)
-        for t in starts:
-            logits = episode.logits[t].astype(np.float64)
-            log_softmax = logits - logits.max() - np.log(np.sum(np.exp(logits - logits.max())))
-            log_probs.append(log_softmax[episode.options[t]])
-        obs.append(decision_obs)
-        options += [episode.options[t] for t in starts]
-        advantages.append(adv)
-        returns.append(ret)
-    if not obs:
-        raise BundleError("no complete adaptation episode to learn from")
-    return {
-        "obs": torch.cat(obs),
-        "actions": torch.as_tensor(options, dtype=torch.long),
-        "log_probs": torch.as_tensor(log_probs, dtype=torch.float32),
-        "advantages": torch.as_tensor(np.concatenate(advantages), dtype=torch.float32),
-        "returns": torch.as_tensor(np.concatenate(returns), dtype=torch.float32),
-    }
-
-
-def update_master(policy: MLSHPolicy, episodes: list[Episode], config: AdaptConfig, seed: int = 0) -> dict[str, float]:
-    """One trust-region PPO update of the master from the episodes; normalizer moves afterwards."""
-    batch = macro_batch(policy, episodes, config)
-    optimizer = torch.optim.Adam(policy.master.parameters(), lr=config.ppo.learning_rate)
-    stats = ppo_update(
-        policy.master.evaluate,
-        policy.master.parameters(),
-        optimizer,
-        batch,
-        config.ppo,
-        torch.Generator().manual_seed(seed),
-    )
-    policy.master.update_normalizer(batch["obs"])
-    return stats
 
 
 def plot_returns(path: Path, before: list[float], adaptation: list[float], after: list[float]) -> Path:
@@ -190,6 +116,8 @@ def adapt(
         if len(usable) < len(collected):
             logger.warning("%d of %d episodes had gaps and are left out", len(collected) - len(usable), len(collected))
         start = time.perf_counter()
+        if not usable:
+            raise BundleError("no complete adaptation episode to learn from (every one had gaps)")
         stats = update_master(policy, usable, config, seed)
         update_seconds = time.perf_counter() - start
         candidate = next_version(bundle_dir)

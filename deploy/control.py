@@ -3,41 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from controller.adaptation import Episode
 from deploy.robot import RobotEnv
 from deploy.runtime import PolicyRuntime
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Episode:
-    """What one episode on the robot produced; the per-tick lists feed adaptation."""
-
-    obs: list[np.ndarray] = field(default_factory=list)
-    options: list[int] = field(default_factory=list)
-    chose: list[bool] = field(default_factory=list)
-    logits: list[np.ndarray] = field(default_factory=list)
-    rewards: list[float] = field(default_factory=list)
-    terminated: bool = False
-    gaps: int = 0
-    forward_velocity: list[float] = field(default_factory=list)
-
-    @property
-    def total_return(self) -> float:
-        return float(np.sum(self.rewards))
-
-    @property
-    def length(self) -> int:
-        return len(self.rewards)
-
-    @property
-    def complete(self) -> bool:
-        """No missing State in the middle: usable for learning."""
-        return self.gaps == 0
 
 
 def run_episode(env: RobotEnv, runtime: PolicyRuntime, *, deterministic: bool = True) -> Episode:
@@ -47,6 +20,7 @@ def run_episode(env: RobotEnv, runtime: PolicyRuntime, *, deterministic: bool = 
     while True:
         action, info = runtime.act(obs, deterministic=deterministic)
         episode.obs.append(obs)
+        episode.actions.append(action)
         episode.options.append(info["option"])
         episode.chose.append(info["chose"])
         episode.logits.append(info["logits"])

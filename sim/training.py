@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +18,14 @@ from controller.mlsh import MLSHConfig, MLSHTrainer
 from controller.policies import MLSHPolicy
 from controller.robot import load_robot_spec
 from controller.rundir import RunDir
+from sim import samplers
 from sim.env import LocomotionEnv
 from sim.tasks import TaskDistribution
 
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("mlsh",)
-BACKENDS = ("inline", "process")
+BACKENDS = samplers.BACKENDS
 
 
 @dataclass
@@ -34,6 +36,8 @@ class EnvConfig:
     """Time limit of one episode (truncation, bootstrapped)."""
     joint_noise: float = 0.05
     """Uniform noise (rad) on the joint angles at reset."""
+    privileged: bool = False
+    """Append the true task parameters to the observation (an oracle; cannot be deployed)."""
 
 
 @dataclass
@@ -43,7 +47,9 @@ class SamplerConfig:
     num_envs: int = 2
     """Environment copies stepped together (one per core is the sweet spot)."""
     backend: str = "process"
-    """'inline' (this process) or 'process' (one worker process per copy)."""
+    """'inline' (this process), 'process' (one worker process per copy) or 'ray' (one Ray actor per copy)."""
+    ray_address: str | None = None
+    """Ray cluster to join for backend 'ray' ('auto', 'ray://host:10001'); None starts a local Ray."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -104,15 +110,18 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
 
 
 def _make_env(robot: str, env_config: EnvConfig) -> LocomotionEnv:
-    return LocomotionEnv(robot, episode_seconds=env_config.episode_seconds, joint_noise=env_config.joint_noise)
+    return LocomotionEnv(
+        robot,
+        episode_seconds=env_config.episode_seconds,
+        joint_noise=env_config.joint_noise,
+        privileged=env_config.privileged,
+    )
 
 
 def make_vector_env(config: TrainConfig) -> gym.vector.VectorEnv:
-    fns = [lambda: _make_env(config.robot, config.env) for _ in range(config.sampler.num_envs)]
-    mode = gym.vector.AutoresetMode.SAME_STEP
-    if config.sampler.backend == "process":
-        return gym.vector.AsyncVectorEnv(fns, autoreset_mode=mode)
-    return gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
+    sampler = config.sampler
+    env_fn = functools.partial(_make_env, config.robot, config.env)
+    return samplers.make_vector_env(env_fn, sampler.num_envs, sampler.backend, ray_address=sampler.ray_address)
 
 
 def build_policy(config: TrainConfig, obs_dim: int, act_dim: int) -> MLSHPolicy:

@@ -172,3 +172,33 @@ def test_demo_quick_json() -> None:
     assert {"return_before", "return_after", "episodes", "kept"} <= set(summary)
     assert summary["episodes"] == 3
     assert "| before adaptation (v0) |" in result.stdout
+
+
+def test_eval_writes_table_json_and_plot(tiny_run: Path, tmp_path: Path) -> None:
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("tasks:\n  - {friction: 0.3, added_mass: 4.5}\n  - {friction: 1.0, motor_strength: 0.75}\n")
+    result = metactl(
+        "eval",
+        str(tiny_run),
+        "--tasks",
+        str(tasks),
+        "-k",
+        "0,1",
+        "--baseline",
+        str(tiny_run),
+        "--oracle",
+        str(tiny_run),
+        "--seconds",
+        "1",
+        "--episodes",
+        "1",
+        "--out",
+        str(tmp_path / "eval"),
+        "--json",
+    )
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(summary) == {"mlsh (adapt master)", "domain-randomized PPO", "fine-tune all", "random", "oracle"}
+    assert set(summary["mlsh (adapt master)"]) == {"0", "1"}
+    assert "normalized" in summary["fine-tune all"]["1"]
+    for name in ("eval.md", "eval.json", "eval.png"):
+        assert (tmp_path / "eval" / name).exists()
