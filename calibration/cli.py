@@ -158,6 +158,29 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sysid(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from calibration.files import load_calibration
+    from calibration.sysid import calibrate_sysid
+    from controller.robot import load_robot_spec
+
+    existing = load_calibration(args.output) if Path(args.output).exists() else None
+    result = calibrate_sysid(
+        args.port,
+        load_robot_spec(args.robot),
+        parameters=args.parameters.split(","),
+        seconds=args.seconds,
+        max_evaluations=args.evaluations,
+        calibration=existing,
+    )
+    result.save(args.output)
+    for name, value in result.identified.items():
+        print(f"{name:>16}: {value:.4f} +- {result.uncertainty[name]:.4f}")
+    print(f"trajectory error {result.recording['sysid_error']:.4f}; written to {args.output}")
+    return 0
+
+
 def _fmt(values: list[float], digits: int = 1) -> str:
     return ", ".join(f"{value:.{digits}f}" for value in values)
 
@@ -233,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", help="task YAML for the emulator instead of the held-out one")
     demo.set_defaults(handler=_demo)
 
-    calibrate = commands.add_parser("calibrate", help="measure the robot: sensor offsets")
+    calibrate = commands.add_parser("calibrate", help="measure the robot: sensor offsets, dynamics")
     steps = calibrate.add_subparsers(dest="step", required=True)
     offsets = steps.add_parser("offsets", help="joint zero offsets and gyro bias from a static recording")
     offsets.add_argument("--port", required=True)
@@ -242,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     offsets.add_argument("-o", "--output", default="calibration.yaml")
     offsets.add_argument("--reset-wait", type=float, help="seconds to wait for the operator if the robot cannot reset")
     offsets.set_defaults(handler=_calibrate)
+    sysid = steps.add_parser("sysid", help="fit simulator parameters to an excitation recorded on the robot")
+    sysid.add_argument("--port", required=True)
+    sysid.add_argument("--robot", default="a1")
+    sysid.add_argument("--parameters", default="added_mass,motor_strength,friction", help="comma-separated")
+    sysid.add_argument("--seconds", type=float, default=3.0, help="excitation length")
+    sysid.add_argument("--evaluations", type=int, default=300, help="CMA-ES simulator replays")
+    sysid.add_argument("-o", "--output", default="calibration.yaml", help="calibration YAML (merged if it exists)")
+    sysid.set_defaults(handler=_sysid)
     return parser
 
 
