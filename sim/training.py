@@ -160,10 +160,9 @@ def train(
     resolved = to_dict(config)
     resolved["command"] = command
     if run_dir.has_checkpoint():
-        previous = run_dir.read_config()
-        if {k: v for k, v in previous.items() if k != "command"} != {
-            k: v for k, v in resolved.items() if k != "command"
-        }:
+        # Fill defaults into the saved config first: a field added since the run started is not a change.
+        previous = {k: v for k, v in run_dir.read_config().items() if k != "command"}
+        if to_dict(build(TrainConfig, previous)) != {k: v for k, v in resolved.items() if k != "command"}:
             raise ConfigError(f"{run_dir.path} holds a run with another config; pick another --run-dir")
     else:
         run_dir.write_config(resolved)
