@@ -46,6 +46,7 @@ def plot_returns(path: Path, before: list[float], adaptation: list[float], after
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     x = 0
@@ -56,6 +57,7 @@ def plot_returns(path: Path, before: list[float], adaptation: list[float], after
     ):
         axis.plot(range(x + 1, x + 1 + len(values)), values, marker=marker, linestyle="-", label=label)
         x += len(values)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("episode on the robot")
     axis.set_ylabel("return")
     axis.legend()
