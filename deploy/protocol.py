@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -182,6 +183,8 @@ class _ArrayEq:
             if isinstance(mine, np.ndarray):
                 if not np.array_equal(mine, theirs, equal_nan=True):
                     return False
+            elif isinstance(mine, float) and isinstance(theirs, float) and math.isnan(mine) and math.isnan(theirs):
+                continue
             elif mine != theirs:
                 return False
         return True
@@ -395,8 +398,8 @@ class Reset(_FixedLayout):
         object.__setattr__(self, "status", _check_uint(self.status, 8, "status"))
 
 
-@dataclass(frozen=True)
-class Heartbeat(_FixedLayout):
+@dataclass(frozen=True, eq=False)
+class Heartbeat(_ArrayEq, _FixedLayout):
     """Host -> robot liveness probe; the robot echoes it unchanged (round-trip time = now - time)."""
 
     TYPE: ClassVar[MessageType] = MessageType.HEARTBEAT
