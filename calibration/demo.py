@@ -60,6 +60,7 @@ def run_demo(
     lockstep: bool = True,
     bundle: str | None = None,
     task: str | None = None,
+    plot: str | Path = "demo_adaptation.png",
     report=print,
 ) -> dict:
     start = time.perf_counter()
@@ -86,7 +87,7 @@ def run_demo(
         with Emulated(*emulator_args) as port:
             report(f"emulated robot on {port} with held-out task {task_file.name}")
             result = adapt(working, port, num_episodes=k, eval_episodes=1, seconds=seconds)
-        plot = Path.cwd() / "demo_adaptation.png"
+        plot = Path(plot).resolve()
         shutil.copy(result.plot, plot)
         summary = {
             "return_before": round(result.return_before, 2),

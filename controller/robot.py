@@ -72,6 +72,10 @@ class RobotSpec:
     """Physics step; control_rate_hz * sim_timestep * decimation == 1."""
     base_height: float = 0.3
     """Spawn height of the base (m)."""
+    base_orientation_rpy: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Fixed rotation (roll, pitch, yaw; rad) from the trunk frame (x forward, y left, z up) to the URDF's base
+    frame: the sim spawns the base so rotated and reads the IMU in the trunk frame. Non-zero only for URDFs not
+    modelled x-forward, z-up (laikago)."""
     min_upright: float = 0.5
     """Fall when the body z-axis' world-z component drops below this (cos of the tilt)."""
     gait: GaitSpec = field(default_factory=GaitSpec)
@@ -97,6 +101,8 @@ class RobotSpec:
             raise ConfigError(
                 f"robot '{self.name}': 1 / (control_rate_hz * sim_timestep) = {ratio:g} must be an integer"
             )
+        if len(self.base_orientation_rpy) != 3:
+            raise ConfigError(f"robot '{self.name}': 'base_orientation_rpy' needs 3 angles (roll, pitch, yaw)")
         gait = self.gait
         if gait.frequency_hz > 0:
             for key in ("joint_leg", "swing", "lift"):
@@ -124,6 +130,8 @@ class RobotSpec:
     def fingerprint(self) -> str:
         """Hash of the fields a policy depends on; a bundle trained for another robot differs."""
         data = to_dict(self)
+        if not any(self.base_orientation_rpy):  # specs written before the field existed keep their hash
+            data.pop("base_orientation_rpy")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> RobotSpec:

@@ -19,6 +19,10 @@ class LocomotionEnv(gym.Env):
     Observations and targets come from `ObservationMapping`, the reward from `LocomotionReward`,
     both computed from a `RobotState` exactly as on the robot. Termination: the trunk touches the
     ground or the body tilts past the spec's limit. Truncation: `episode_seconds` elapsed.
+
+    Everything a `Task` randomizes (dynamics, terrain, delays, sensor errors, pushes) acts inside
+    `SimRobot`; a seeded `reset` fixes the episode's random draws. With `privileged=True` the
+    observation ends with `Task.vector()` (every task field but the seed, in field order).
     """
 
     metadata = {"render_modes": []}

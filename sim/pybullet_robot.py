@@ -3,9 +3,17 @@
 Shared by the Gymnasium env and the emulator, so both step the same physics. PD torques are
 computed here at the physics rate (not by PyBullet's position motors) so that motor strength,
 gain scales and damping mode act on the torque, as on the real robot.
+
+`SimRobot.apply_task` is the one place where a `Task` takes effect: terrain, ground contact,
+masses, motors, joint friction, delays, sensor errors and pushes. Per-step work for a feature is
+only done when its task value is not nominal, so the nominal hot loop stays as it was.
 """
 
 from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import pybullet
@@ -15,62 +23,238 @@ from pybullet_utils import bullet_client
 from controller.mapping import RobotState
 from controller.robot import RobotSpec
 from sim.tasks import Task
+from sim.terrain import Ground, TerrainParams
 
 GRAVITY = 9.81
+ROBOT_RESTITUTION = 1.0
+"""Bullet multiplies the two bodies' restitutions (and the robot's friction 1.0 scales the ground's rolling
+and spinning friction), so with the robot's set to 1 the ground's value is the contact's value."""
+
+
+@dataclass
+class _Reading:
+    """Raw sensor values at one physics step, kept while `latency` delays the readout."""
+
+    step: int
+    joint_pos: np.ndarray
+    joint_vel: np.ndarray
+    quat: tuple
+    vel_world: tuple
+    ang_world: tuple
+    torque: np.ndarray
+    time: float
+
+
+def _child_generator(rng: np.random.Generator) -> np.random.Generator:
+    """An independent generator from `rng` without drawing from it (the caller's stream is unchanged)."""
+    try:
+        return rng.spawn(1)[0]
+    except TypeError:  # a generator built without a SeedSequence
+        return np.random.default_rng(rng.integers(2**63))
+
+
+def _quat_multiply(a, b) -> np.ndarray:
+    """Hamilton product a * b of (x, y, z, w) quaternions."""
+    ax, ay, az, aw = a
+    bx, by, bz, bw = b
+    return np.array(
+        [
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+            aw * bw - ax * bx - ay * by - az * bz,
+        ]
+    )
 
 
 class SimRobot:
-    """One robot on a plane in a private PyBullet client (DIRECT unless `gui`)."""
+    """One robot on a plane (or terrain) in a private PyBullet client (DIRECT unless `gui`).
 
-    def __init__(self, spec: RobotSpec, *, gui: bool = False) -> None:
+    Args:
+        spec: the robot.
+        gui: open PyBullet's window.
+        seed: seeds `rng`, the generator for sensor noise, sensor errors, control jitter and pushes, until a
+            `reset(rng)` replaces it with a child of the caller's generator.
+    """
+
+    def __init__(self, spec: RobotSpec, *, gui: bool = False, seed: int = 0) -> None:
         self.spec = spec
         self.client = bullet_client.BulletClient(connection_mode=pybullet.GUI if gui else pybullet.DIRECT)
         client = self.client
         client.setAdditionalSearchPath(pybullet_data.getDataPath())
         client.setGravity(0, 0, -GRAVITY)
         client.setTimeStep(spec.sim_timestep)
+        # Same contact order after restoreState, so a reset episode repeats exactly (resume, evaluation).
+        client.setPhysicsEngineParameter(deterministicOverlappingPairs=1)
         self.ground = client.loadURDF("plane.urdf")
-        self.body = client.loadURDF(spec.urdf, [0, 0, spec.base_height], useFixedBase=False)
-        names = {client.getJointInfo(self.body, j)[1].decode(): j for j in range(client.getNumJoints(self.body))}
+        self.terrain = Ground(client, self.ground)
+        rpy = list(spec.base_orientation_rpy)
+        self._base_rotation = client.getQuaternionFromEuler(rpy)
+        # Trunk frame = URDF base frame * inverse(base rotation); None when they coincide.
+        self._to_trunk = None if not any(rpy) else client.invertTransform([0, 0, 0], self._base_rotation)[1]
+        self.body = client.loadURDF(spec.urdf, [0, 0, spec.base_height], self._base_rotation, useFixedBase=False)
+        # The base pose PyBullet reports and resets is its centre-of-mass frame: keep the spawn one to re-spawn.
+        self._spawn_pose = client.getBasePositionAndOrientation(self.body)
+        num_links = client.getNumJoints(self.body)
+        names = {client.getJointInfo(self.body, j)[1].decode(): j for j in range(num_links)}
         missing = [name for name in spec.joint_names if name not in names]
         if missing:
             raise ValueError(f"robot '{spec.name}': joints {missing} not in {spec.urdf}")
         self.joint_ids = [names[name] for name in spec.joint_names]
+        self._movable = [j for j in range(num_links) if client.getJointInfo(self.body, j)[2] != pybullet.JOINT_FIXED]
         self.base_mass = client.getDynamicsInfo(self.body, -1)[0]
-        for link in range(-1, client.getNumJoints(self.body)):
-            client.changeDynamics(self.body, link, lateralFriction=1.0)
+        self._link_dynamics = [client.getDynamicsInfo(self.body, link)[:3] for link in range(num_links)]
+        for link in range(-1, num_links):
+            client.changeDynamics(self.body, link, lateralFriction=1.0, restitution=ROBOT_RESTITUTION)
         # Torque control needs PyBullet's default velocity motors switched off.
         client.setJointMotorControlArray(
             self.body, self.joint_ids, pybullet.VELOCITY_CONTROL, forces=[0.0] * spec.num_joints
         )
         self._default = spec.array("default_pose")
+        self._zeros = [0.0] * spec.num_joints
         self._torque_limit = spec.array("torque_limit")
         for joint, angle in zip(self.joint_ids, self._default):
             client.resetJointState(self.body, joint, angle)
         self._initial_state = client.saveState()
+        self.rng = np.random.default_rng(seed)
+        self._applied: dict[str, float] = {"link_mass_scale": 1.0, "joint_coulomb": 0.0}
+        self._joint_offsets: np.ndarray | None = None
+        self._gyro_bias: np.ndarray | None = None
+        self._pending: deque = deque()
+        self._history: deque | None = None
+        self.sim_time = 0.0
         self.task = Task()
         self.apply_task(self.task)
+        self._start_episode()
+
+    # -- task ----------------------------------------------------------------------------------
+
+    def apply_task(self, task: Task) -> None:
+        """Make the world and the robot match `task` now; every field takes effect here and nowhere else.
+
+        Dynamics edits survive restoreState, so values set through many calls (link masses, joint friction) are
+        only re-sent when they change; the rest is set explicitly every time. A terrain change rebuilds the
+        ground and re-saves the initial state (a saved state is tied to the bodies that existed).
+        """
+        client, body = self.client, self.body
+        previous, self.task = self.task, task
+        if self.terrain.build(TerrainParams.from_task(task)):
+            self._save_initial_state()
+        self._grounds = self.terrain.bodies
+        for ground in self._grounds:
+            client.changeDynamics(
+                ground,
+                -1,
+                lateralFriction=task.friction,
+                spinningFriction=task.spinning_friction,
+                rollingFriction=task.rolling_friction,
+                restitution=task.restitution,
+            )
+        client.changeDynamics(body, -1, mass=self.base_mass + task.added_mass)
+        if task.link_mass_scale != self._applied["link_mass_scale"]:
+            for link, (mass, _, inertia) in enumerate(self._link_dynamics):
+                scale = task.link_mass_scale
+                client.changeDynamics(body, link, mass=mass * scale, localInertiaDiagonal=[i * scale for i in inertia])
+            self._applied["link_mass_scale"] = task.link_mass_scale
+        # Joint friction is the force limit of a zero-velocity motor beside TORQUE_CONTROL's torque: the solver
+        # opposes motion with up to coulomb + damping * |dq| (dq of the step before) and can only bring a joint to
+        # rest, never push it back. So dry friction holds a joint still without chattering, and damping stays
+        # stable where an explicit -damping * dq term (like the PD's kd) oscillates on light links at 200 Hz.
+        self._damping = task.joint_damping if task.joint_damping > 0 else None
+        if self._damping is None and task.joint_coulomb != self._applied["joint_coulomb"]:
+            self._set_joint_friction(np.full(self.spec.num_joints, task.joint_coulomb))
+        self._strength: float | np.ndarray = task.motor_strength
+        if task.motor_strength_spread > 0:
+            pattern = np.random.default_rng(int(task.seed)).uniform(-1.0, 1.0, self.spec.num_joints)
+            self._strength = task.motor_strength * (1.0 + task.motor_strength_spread * pattern)
+        dt = self.spec.sim_timestep
+        self._latency_steps = int(round(task.latency / dt))
+        if self._latency_steps == 0:
+            self._history = None
+            while self._pending:  # commands in flight act now
+                self._command = self._pending.popleft()[1]
+        elif self._history is None or self._history.maxlen != self._latency_steps + 1:
+            self._history = deque(maxlen=self._latency_steps + 1)
+        self._jitter_steps = task.control_jitter / dt
+        com = np.array([task.payload_com_x, task.payload_com_y, 0.0])
+        self._com_offset = com if np.any(com) else None
+        self._base_weight = (self.base_mass + task.added_mass) * GRAVITY
+        self._noisy = any((task.noise_joint_pos, task.noise_joint_vel, task.noise_gyro, task.noise_gravity))
+        if (task.joint_offset, task.gyro_bias) != (previous.joint_offset, previous.gyro_bias):
+            self._draw_sensor_errors()
+        if task.push_interval_s != previous.push_interval_s:
+            self._next_push = self.sim_time + task.push_interval_s
+
+    def _set_joint_friction(self, torque: np.ndarray) -> None:
+        """Friction torque limit of each joint's zero-velocity motor (num_joints,)."""
+        self.client.setJointMotorControlArray(
+            self.body, self.joint_ids, pybullet.VELOCITY_CONTROL, targetVelocities=self._zeros, forces=torque
+        )
+        self._applied["joint_coulomb"] = float(torque[0]) if self._damping is None else math.nan
+
+    def per_joint_strength(self) -> np.ndarray:
+        """Each motor's torque scale under the current task (num_joints,)."""
+        return np.broadcast_to(np.asarray(self._strength, dtype=np.float64), (self.spec.num_joints,)).copy()
+
+    def _draw_sensor_errors(self) -> None:
+        task, n = self.task, self.spec.num_joints
+        self._joint_offsets = self.rng.normal(0.0, task.joint_offset, n) if task.joint_offset > 0 else None
+        self._gyro_bias = self.rng.normal(0.0, task.gyro_bias, 3) if task.gyro_bias > 0 else None
+
+    def _save_initial_state(self) -> None:
+        """Save the spawn state (above the current ground) as the reset state; the robot keeps its current state."""
+        client, body = self.client, self.body
+        position, orientation = client.getBasePositionAndOrientation(body)
+        velocity = client.getBaseVelocity(body)
+        joints = client.getJointStates(body, self._movable)
+        spawn, spawn_orientation = self._spawn_pose
+        spawn = [spawn[0], spawn[1], spawn[2] + self.terrain.spawn_height()]
+        client.resetBasePositionAndOrientation(body, spawn, spawn_orientation)
+        client.resetBaseVelocity(body, [0, 0, 0], [0, 0, 0])
+        default = dict(zip(self.joint_ids, self._default))
+        for joint in self._movable:
+            client.resetJointState(body, joint, default.get(joint, 0.0), 0.0)
+        client.removeState(self._initial_state)
+        self._initial_state = client.saveState()
+        client.resetBasePositionAndOrientation(body, position, orientation)
+        client.resetBaseVelocity(body, *velocity)
+        for joint, state in zip(self._movable, joints):
+            client.resetJointState(body, joint, state[0], state[1])
+
+    # -- episode -------------------------------------------------------------------------------
+
+    def reset(self, rng: np.random.Generator | None = None, joint_noise: float = 0.0) -> None:
+        """Back to the standing pose via a saved state (no reload), with optional joint noise.
+
+        With `rng` (the env's generator) the robot's own generator becomes a child of it, drawn without using
+        `rng`'s stream, so a seeded env reset fixes the noise, sensor errors, jitter and pushes of the episode.
+        """
+        self.client.restoreState(self._initial_state)
+        if rng is not None:
+            if joint_noise > 0:
+                noise = rng.uniform(-joint_noise, joint_noise, self.spec.num_joints)
+                for joint, angle in zip(self.joint_ids, self._default + noise):
+                    self.client.resetJointState(self.body, joint, angle)
+            self.rng = _child_generator(rng)
+        self.apply_task(self.task)
+        self._draw_sensor_errors()
+        self._start_episode()
+
+    def _start_episode(self) -> None:
+        spec, task = self.spec, self.task
         self.last_torque = np.zeros(spec.num_joints)
         self._last_vel_world = np.zeros(3)
         self.sim_time = 0.0
+        self._physics_steps = 0
+        self._next_push = task.push_interval_s
+        # Until the first command arrives (only seen under latency) the motors hold the standing pose.
+        hold = self._default if self._joint_offsets is None else self._default - self._joint_offsets
+        self._command = (hold, spec.kp * task.kp_scale, spec.kd * task.kd_scale)
+        self._pending.clear()
+        if self._history is not None:
+            self._history.clear()
 
-    def apply_task(self, task: Task) -> None:
-        """Set every task-dependent dynamics value explicitly (restoreState keeps old edits)."""
-        self.task = task
-        self.client.changeDynamics(self.ground, -1, lateralFriction=task.friction)
-        self.client.changeDynamics(self.body, -1, mass=self.base_mass + task.added_mass)
-
-    def reset(self, rng: np.random.Generator | None = None, joint_noise: float = 0.0) -> None:
-        """Back to the standing pose via a saved state (no reload), with optional joint noise."""
-        self.client.restoreState(self._initial_state)
-        if rng is not None and joint_noise > 0:
-            noise = rng.uniform(-joint_noise, joint_noise, self.spec.num_joints)
-            for joint, angle in zip(self.joint_ids, self._default + noise):
-                self.client.resetJointState(self.body, joint, angle)
-        self.apply_task(self.task)
-        self.last_torque = np.zeros(self.spec.num_joints)
-        self._last_vel_world = np.zeros(3)
-        self.sim_time = 0.0
+    # -- physics -------------------------------------------------------------------------------
 
     def joint_states(self) -> tuple[np.ndarray, np.ndarray]:
         states = self.client.getJointStates(self.body, self.joint_ids)
@@ -79,57 +263,162 @@ class SimRobot:
     def step(
         self, targets: np.ndarray, kp: np.ndarray | float, kd: np.ndarray | float, substeps: int | None = None
     ) -> None:
-        """Run `substeps` physics steps (default: one control period) of PD torque control.
+        """Run `substeps` physics steps (default: one control period, jittered by the task) of PD torque control.
 
-        tau = strength * clip(kp_scale kp (q* - q) - kd_scale kd dq, -limit, limit)
+        tau_j = strength_j * clip(kp_scale kp (q*_j - offset_j - q_j) - kd_scale kd dq_j, -limit_j, limit_j)
+
+        The command (targets and gains) takes effect `latency` later, counted in physics steps; joint friction
+        acts beside this torque (see `apply_task`).
         """
-        task = self.task
-        kp_eff = np.asarray(kp) * task.kp_scale
-        kd_eff = np.asarray(kd) * task.kd_scale
-        for _ in range(self.spec.decimation if substeps is None else substeps):
-            q, dq = self.joint_states()
-            torque = task.motor_strength * np.clip(
-                kp_eff * (targets - q) - kd_eff * dq, -self._torque_limit, self._torque_limit
-            )
-            self.client.setJointMotorControlArray(self.body, self.joint_ids, pybullet.TORQUE_CONTROL, forces=torque)
-            self.client.stepSimulation()
-            self.sim_time += self.spec.sim_timestep
-        self.last_torque = torque
+        task, client, body = self.task, self.client, self.body
+        num_steps = self.spec.decimation if substeps is None else substeps
+        if self._jitter_steps > 0 and substeps is None:
+            num_steps = max(1, num_steps + int(round(self.rng.normal(0.0, self._jitter_steps))))
+        if task.push_interval_s > 0 and self.sim_time >= self._next_push - 1e-9:
+            self._push()
+        targets = np.asarray(targets, dtype=np.float64)
+        if self._joint_offsets is not None:  # the motor tracks the target in its own (offset) encoder frame
+            targets = targets - self._joint_offsets
+        command = (targets, np.asarray(kp) * task.kp_scale, np.asarray(kd) * task.kd_scale)
+        if self._latency_steps:
+            self._pending.append((self._physics_steps + self._latency_steps, command))
+        else:
+            self._command = command
+        strength, limit, joint_ids, dt = self._strength, self._torque_limit, self.joint_ids, self.spec.sim_timestep
+        pending, recording, damping, com = self._pending, self._history is not None, self._damping, self._com_offset
+        target, kp_eff, kd_eff = self._command
+        for _ in range(num_steps):
+            if pending and pending[0][0] <= self._physics_steps:
+                while pending and pending[0][0] <= self._physics_steps:
+                    self._command = pending.popleft()[1]
+                target, kp_eff, kd_eff = self._command
+            q, dq = self._record() if recording else self.joint_states()
+            if damping is not None:
+                self._set_joint_friction(task.joint_coulomb + damping * np.abs(dq))
+            torque = strength * np.clip(kp_eff * (target - q) - kd_eff * dq, -limit, limit)
+            client.setJointMotorControlArray(body, joint_ids, pybullet.TORQUE_CONTROL, forces=torque)
+            if com is not None:
+                self._apply_com_torque()
+            client.stepSimulation()
+            self.last_torque = torque
+            self.sim_time += dt
+            self._physics_steps += 1
+
+    def _trunk_quat(self, quat) -> tuple:
+        """Orientation of the trunk frame (x forward, z up) from the URDF base orientation."""
+        if self._to_trunk is None:
+            return quat
+        return self.client.multiplyTransforms([0, 0, 0], quat, [0, 0, 0], self._to_trunk)[1]
+
+    def _apply_com_torque(self) -> None:
+        # Gravity acting at the shifted centre of mass: tau = (R d) x (0, 0, -W) = (-W d_y, W d_x, 0) in the world.
+        # The inertia stays about the URDF's centre of mass (PyBullet cannot move a link's inertial frame): exact
+        # for how the weight loads the legs, quasi-static for the rest.
+        client = self.client
+        quat = self._trunk_quat(client.getBasePositionAndOrientation(self.body)[1])
+        offset = client.multiplyTransforms([0, 0, 0], quat, self._com_offset, [0, 0, 0, 1])[0]
+        weight = self._base_weight
+        client.applyExternalTorque(self.body, -1, [-weight * offset[1], weight * offset[0], 0.0], pybullet.WORLD_FRAME)
+
+    def _push(self) -> None:
+        """Add `push_velocity` to the base velocity in a random horizontal direction."""
+        angle = self.rng.uniform(0.0, 2.0 * math.pi)
+        speed = self.task.push_velocity
+        velocity, angular = self.client.getBaseVelocity(self.body)
+        pushed = [velocity[0] + speed * math.cos(angle), velocity[1] + speed * math.sin(angle), velocity[2]]
+        self.client.resetBaseVelocity(self.body, pushed, angular)
+        self._next_push += self.task.push_interval_s
+
+    def _record(self) -> tuple[np.ndarray, np.ndarray]:
+        """Read the sensors at this physics step into the latency history (once per step); returns (q, dq)."""
+        history = self._history
+        if history and history[-1].step == self._physics_steps:
+            return history[-1].joint_pos, history[-1].joint_vel
+        client = self.client
+        q, dq = self.joint_states()
+        _, quat = client.getBasePositionAndOrientation(self.body)
+        vel_world, ang_world = client.getBaseVelocity(self.body)
+        history.append(
+            _Reading(self._physics_steps, q, dq, quat, vel_world, ang_world, self.last_torque, self.sim_time)
+        )
+        return q, dq
 
     def base_position(self) -> np.ndarray:
         return np.asarray(self.client.getBasePositionAndOrientation(self.body)[0])
 
     def trunk_on_ground(self) -> bool:
-        return bool(self.client.getContactPoints(self.body, self.ground, -1, -1))
+        return any(self.client.getContactPoints(self.body, ground, -1, -1) for ground in self._grounds)
 
     def read_state(self, command: np.ndarray, dt: float) -> RobotState:
-        """The robot's sensors (plus the simulator-only base velocity), all in the body frame."""
+        """The robot's sensors (plus the simulator-only base velocity), all in the trunk frame.
+
+        Under `latency` the sensor values are those of round(latency / sim_timestep) physics steps ago (or the
+        oldest since reset); base velocity and `fallen` stay current: they are ground truth for reward and
+        termination. Sensor errors (offsets, bias) and noise are added last.
+        """
         client = self.client
         _, quat = client.getBasePositionAndOrientation(self.body)
         vel_world, ang_world = client.getBaseVelocity(self.body)
-        quat = np.asarray(quat)
+        vel_now = vel_world
+        if self._history is None:
+            q, dq = self.joint_states()
+            torque, time = self.last_torque.copy(), self.sim_time
+        else:
+            quat_now = quat
+            self._record()
+            old = self._history[0]
+            q, dq, quat, vel_world, ang_world = old.joint_pos, old.joint_vel, old.quat, old.vel_world, old.ang_world
+            torque, time = old.torque.copy(), old.time
+        quat = np.asarray(self._trunk_quat(quat))
         inverse = client.invertTransform([0, 0, 0], quat)[1]
 
-        def to_body(vector: np.ndarray) -> np.ndarray:
-            return np.asarray(client.multiplyTransforms([0, 0, 0], inverse, vector, [0, 0, 0, 1])[0])
+        def to_body(vector: np.ndarray, rotation=inverse) -> np.ndarray:
+            return np.asarray(client.multiplyTransforms([0, 0, 0], rotation, vector, [0, 0, 0, 1])[0])
 
         vel_world = np.asarray(vel_world)
         # Accelerometer: specific force a - g in the body frame.
         accel_world = (vel_world - self._last_vel_world) / dt + np.array([0.0, 0.0, GRAVITY])
         self._last_vel_world = vel_world
-        q, dq = self.joint_states()
+        gyro = to_body(ang_world)
+        if self._history is None:
+            base_vel = to_body(vel_world)
+        else:
+            base_vel = to_body(vel_now, client.invertTransform([0, 0, 0], self._trunk_quat(quat_now))[1])
+        if self._joint_offsets is not None:
+            q = q + self._joint_offsets
+        if self._gyro_bias is not None:
+            gyro = gyro + self._gyro_bias
+        if self._noisy:
+            q, dq, gyro, quat = self._add_noise(q, dq, gyro, quat)
         return RobotState(
             joint_pos=q,
             joint_vel=dq,
             quat=quat,
-            gyro=to_body(ang_world),
+            gyro=gyro,
             accel=to_body(accel_world),
-            base_vel=to_body(vel_world),
-            joint_torque=self.last_torque.copy(),
+            base_vel=base_vel,
+            joint_torque=torque,
             command=np.asarray(command, dtype=np.float64),
-            time=self.sim_time,
+            time=time,
             fallen=self.trunk_on_ground(),
         )
+
+    def _add_noise(self, q, dq, gyro, quat) -> tuple[np.ndarray, ...]:
+        task, rng, n = self.task, self.rng, self.spec.num_joints
+        if task.noise_joint_pos > 0:
+            q = q + rng.normal(0.0, task.noise_joint_pos, n)
+        if task.noise_joint_vel > 0:
+            dq = dq + rng.normal(0.0, task.noise_joint_vel, n)
+        if task.noise_gyro > 0:
+            gyro = gyro + rng.normal(0.0, task.noise_gyro, 3)
+        if task.noise_gravity > 0:
+            # A small random roll and pitch of the reported orientation (rotation vector (a, b, 0) in the body).
+            roll, pitch = rng.normal(0.0, task.noise_gravity, 2)
+            angle = math.hypot(roll, pitch)
+            half = 0.5 * angle
+            scale = math.sin(half) / angle if angle > 0 else 0.5
+            quat = _quat_multiply(quat, (roll * scale, pitch * scale, 0.0, math.cos(half)))
+        return q, dq, gyro, quat
 
     def close(self) -> None:
         if self.client is not None:

@@ -27,14 +27,52 @@ PARAMETER_BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "added_mass": (-2.0, 20.0),
     "motor_strength": (0.05, 3.0),
     "kp_scale": (0.05, 5.0),
-    "kd_scale": (0.0, 5.0),
+    "kd_scale": (0.0, 1.5),  # explicit PD at 200 Hz oscillates above ~1.5x kd
     "command_vx": (-3.0, 3.0),
+    "link_mass_scale": (0.25, 4.0),
+    "payload_com_x": (-0.2, 0.2),
+    "payload_com_y": (-0.2, 0.2),
+    "spinning_friction": (0.0, 1.0),
+    "rolling_friction": (0.0, 1.0),
+    "restitution": (0.0, 1.0),
+    "motor_strength_spread": (0.0, 0.5),
+    "latency": (0.0, 0.04),
+    "control_jitter": (0.0, 0.01),
+    "joint_damping": (0.0, 5.0),
+    "joint_coulomb": (0.0, 10.0),
+    "noise_joint_pos": (0.0, 0.1),
+    "noise_joint_vel": (0.0, 5.0),
+    "noise_gyro": (0.0, 1.0),
+    "noise_gravity": (0.0, 0.2),
+    "joint_offset": (0.0, 0.2),
+    "gyro_bias": (0.0, 0.5),
+    "push_interval_s": (0.0, 60.0),
+    "push_velocity": (0.0, 3.0),
+    "terrain": (0.0, 3.0),
+    "terrain_amplitude": (0.0, 0.3),
+    "terrain_feature": (0.1, 5.0),
+    "slope": (-0.6, 0.6),
+    "step_height": (0.0, 0.25),
+    "seed": (0.0, 2.0**32 - 1),
 }
+
+TERRAIN_KINDS = {0: "flat", 1: "rough", 2: "slope", 3: "stairs"}
+"""Values of `Task.terrain`."""
+
+# Parameters that are categories or integers rather than quantities.
+CATEGORICAL_PARAMETERS = ("terrain",)
+NOT_IN_VECTOR = ("seed",)
+"""Left out of `Task.vector()`: a seed is an identity, not a quantity a policy can use."""
 
 
 @dataclass
 class Task:
-    """One environment setting. Defaults are the nominal robot on flat ground."""
+    """One environment setting. Defaults are the nominal robot on flat ground.
+
+    Fields after `command_vx` were added later; each defaults to the value that leaves the nominal
+    simulation exactly as it was, so old task files load and behave unchanged. `sim.pybullet_robot.SimRobot.
+    apply_task` is the one place where every field takes effect.
+    """
 
     friction: float = 1.0
     """Ground lateral friction coefficient."""
@@ -48,6 +86,62 @@ class Task:
     """Scale on the PD velocity gain the robot applies."""
     command_vx: float = 0.5
     """Forward velocity command (m/s)."""
+    link_mass_scale: float = 1.0
+    """Scale on the mass and rotational inertia of every link except the base."""
+    payload_com_x: float = 0.0
+    """Forward shift (m) of the base's centre of mass (trunk plus payload), in the trunk frame. Modelled as the
+    base's weight acting at the shifted point (PyBullet cannot move a link's inertial frame)."""
+    payload_com_y: float = 0.0
+    """Leftward shift (m) of the base's centre of mass, in the trunk frame."""
+    spinning_friction: float = 0.0
+    """Ground torsional friction (Bullet's spinning friction: resists a foot twisting about the normal)."""
+    rolling_friction: float = 0.0
+    """Ground rolling friction (Bullet's rolling friction: resists a round foot rolling)."""
+    restitution: float = 0.0
+    """Ground coefficient of restitution (0 plastic, 1 elastic; Bullet applies it above ~0.2 m/s)."""
+    motor_strength_spread: float = 0.0
+    """Per-joint strength variation: joint j gets motor_strength * (1 + spread * u_j), u_j ~ U(-1, 1) from `seed`."""
+    latency: float = 0.0
+    """Actuation and sensing delay (s): a command acts, and a reading arrives, round(latency / sim_timestep)
+    physics steps late."""
+    control_jitter: float = 0.0
+    """Standard deviation (s) of the control period: each control step runs decimation + round(N(0, (jitter /
+    sim_timestep)^2)) physics steps (at least one)."""
+    joint_damping: float = 0.0
+    """Joint viscous friction (N m s / rad): opposes motion with up to joint_damping * |dq| each physics step,
+    through the solver, so it can slow a joint but never reverse it."""
+    joint_coulomb: float = 0.0
+    """Joint Coulomb (dry) friction (N m): up to this torque opposes joint motion, and holds a joint at rest."""
+    noise_joint_pos: float = 0.0
+    """Standard deviation (rad) of white noise on each joint angle reading."""
+    noise_joint_vel: float = 0.0
+    """Standard deviation (rad/s) of white noise on each joint velocity reading."""
+    noise_gyro: float = 0.0
+    """Standard deviation (rad/s) of white noise on each gyro axis."""
+    noise_gravity: float = 0.0
+    """Standard deviation (rad) of a random roll and pitch on the reported orientation, so each horizontal
+    component of the observed gravity direction gets noise of about this size."""
+    joint_offset: float = 0.0
+    """Standard deviation (rad) of the encoder zero offsets drawn at each reset (reading = true + offset; the
+    motor's PD loop runs on the offset reading, as on the robot)."""
+    gyro_bias: float = 0.0
+    """Standard deviation (rad/s) of the gyro bias drawn per axis at each reset (reading = true + bias)."""
+    push_interval_s: float = 0.0
+    """Seconds between random pushes; 0 disables pushing."""
+    push_velocity: float = 0.0
+    """Speed (m/s) a push adds to the base, horizontally, in a random direction."""
+    terrain: float = 0.0
+    """Ground kind: 0 flat, 1 rough heightfield, 2 slope, 3 stairs (see sim/terrain.py)."""
+    terrain_amplitude: float = 0.0
+    """Rough terrain: heights drawn uniformly in [0, amplitude] (m)."""
+    terrain_feature: float = 0.3
+    """Rough terrain: spacing (m) of the random height grid (bump size); stairs: tread depth (m)."""
+    slope: float = 0.0
+    """Slope terrain: incline (rad) about the y axis, uphill towards +x."""
+    step_height: float = 0.0
+    """Stairs terrain: riser height (m)."""
+    seed: float = 0.0
+    """Seeds the terrain heights and the per-joint strength pattern; rounded down to an integer."""
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
@@ -57,13 +151,20 @@ class Task:
             low, high = PARAMETER_BOUNDS[name]
             if (low is not None and value < low) or (high is not None and value > high):
                 raise ConfigError(f"task parameter '{name}' = {value} is outside its physical range [{low}, {high}]")
+        if self.terrain not in TERRAIN_KINDS:
+            kinds = ", ".join(f"{key} ({kind})" for key, kind in TERRAIN_KINDS.items())
+            raise ConfigError(f"task parameter 'terrain' = {self.terrain} must be one of {kinds}")
+        object.__setattr__(self, "seed", float(math.floor(self.seed)))
 
     def to_dict(self) -> dict[str, float]:
         return {key: float(value) for key, value in dataclasses.asdict(self).items()}
 
     def vector(self) -> np.ndarray:
-        """Task parameters as a float32 vector (privileged observation for oracle policies)."""
-        return np.array(list(self.to_dict().values()), dtype=np.float32)
+        """Task parameters as a float32 vector (privileged observation for oracle policies).
+
+        Field order, without `seed`; the first six entries are the original parameters, in their original order.
+        """
+        return np.array([value for key, value in self.to_dict().items() if key not in NOT_IN_VECTOR], dtype=np.float32)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> Task:
@@ -89,6 +190,8 @@ class ParameterRange:
     choices: list[float] | None = None
 
     def check(self, name: str) -> None:
+        if name in CATEGORICAL_PARAMETERS and self.choices is None:
+            raise ConfigError(f"range '{name}': a category, give 'choices' (e.g. [0, 1, 3]), not 'low'/'high'")
         if self.choices is not None:
             if not self.choices or self.low is not None or self.high is not None:
                 raise ConfigError(f"range '{name}': give either non-empty 'choices' or 'low'/'high'")
@@ -150,8 +253,10 @@ class TaskDistribution:
         return [Task(**{name: r.sample(rng) for name, r in self.ranges.items()}) for _ in range(num_tasks)]
 
     def nominal(self) -> Task:
-        """The centre of every range."""
-        return Task(**{name: r.centre() for name, r in self.ranges.items()})
+        """The centre of every range (a category's first choice: terrain kinds have no mean)."""
+        return Task(
+            **{name: r.choices[0] if name in CATEGORICAL_PARAMETERS else r.centre() for name, r in self.ranges.items()}
+        )
 
     def recentred(self, values: Mapping[str, float]) -> TaskDistribution:
         """Shift each named range so its centre is the given (identified) value, keeping its width."""

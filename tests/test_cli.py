@@ -166,8 +166,10 @@ def test_deploy_applies_calibration(tiny_bundle: Path, tmp_path: Path, emulator)
     assert abs(corrected - returns["clean"]) <= abs(returns["offset"] - returns["clean"]) + 1.0
 
 
-def test_demo_quick_json() -> None:
-    result = metactl("demo", "--quick", "--json", "--seconds", "3", timeout=300)
+def test_demo_quick_json(tmp_path: Path) -> None:
+    plot = tmp_path / "demo.png"
+    result = metactl("demo", "--quick", "--json", "--seconds", "3", "--plot", str(plot), timeout=300)
+    assert plot.exists()
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"return_before", "return_after", "episodes", "kept"} <= set(summary)
     assert summary["episodes"] == 3

@@ -87,8 +87,11 @@ def test_privileged_observation_appends_the_task():
     task = Task(friction=0.4, added_mass=1.5, command_vx=0.25)
     obs, _ = env.reset(seed=0, options={"task": task})
     env.close()
-    assert obs.shape == (53,)
+    assert obs.shape == (47 + len(Task().vector()),)
     np.testing.assert_array_equal(obs[47:], task.vector())
+    np.testing.assert_array_equal(
+        obs[47:53], np.float32([0.4, 1.5, 1.0, 1.0, 1.0, 0.25])
+    )  # the original six lead, in order
     assert obs[42] == np.float32(0.25)  # the command entry follows the task too
 
 

@@ -20,17 +20,25 @@ TASK_FIELDS = [f.name for f in dataclasses.fields(Task)]
 
 def test_task_defaults_vector_and_bounds_table():
     task = Task()
-    assert task.to_dict() == {
-        "friction": 1.0,
-        "added_mass": 0.0,
-        "motor_strength": 1.0,
-        "kp_scale": 1.0,
-        "kd_scale": 1.0,
-        "command_vx": 0.5,
+    assert list(task.to_dict().items())[:6] == [
+        ("friction", 1.0),
+        ("added_mass", 0.0),
+        ("motor_strength", 1.0),
+        ("kp_scale", 1.0),
+        ("kd_scale", 1.0),
+        ("command_vx", 0.5),
+    ]
+    # Every later field defaults to "no effect": scales 1, everything else 0 (flat ground, no noise, no delay).
+    later = {key: value for key, value in task.to_dict().items() if key not in list(task.to_dict())[:6]}
+    assert later == {
+        key: (1.0 if key == "link_mass_scale" else 0.3 if key == "terrain_feature" else 0.0) for key in later
     }
-    vector = Task(friction=0.25, command_vx=-1.0).vector()
+    vector = Task(friction=0.25, command_vx=-1.0, latency=0.01, seed=7).vector()
     assert vector.dtype == np.float32
-    np.testing.assert_array_equal(vector, [0.25, 0.0, 1.0, 1.0, 1.0, -1.0])
+    assert len(vector) == len(TASK_FIELDS) - 1  # all but the seed
+    np.testing.assert_array_equal(vector[:6], [0.25, 0.0, 1.0, 1.0, 1.0, -1.0])
+    assert vector[TASK_FIELDS.index("latency")] == np.float32(0.01)
+    assert 7.0 not in vector
     assert sorted(PARAMETER_BOUNDS) == sorted(TASK_FIELDS)  # every parameter has physical bounds
 
 
@@ -233,3 +241,68 @@ def test_recentred_unknown_name_is_a_config_error():
     distribution = TaskDistribution.from_dict({"friction": {"low": 0.3, "high": 1.2}})
     with pytest.raises(ConfigError, match="bogus"):
         distribution.recentred({"bogus": 1.0})
+
+
+# -- the randomization fields -----------------------------------------------------------------------
+
+NEW_FIELDS = TASK_FIELDS[6:]
+
+
+@pytest.mark.parametrize("name", NEW_FIELDS)
+def test_every_new_field_is_bounded_and_names_itself_when_out_of_range(name):
+    low, high = PARAMETER_BOUNDS[name]
+    assert low is not None and high is not None and low < high
+    default = getattr(Task(), name)
+    assert low <= default <= high  # the nominal value is physical
+    for value in (low - 1.0, high + 1.0):
+        with pytest.raises(ConfigError, match=f"'{name}' = {value} is outside its physical range"):
+            Task(**{name: value})
+    with pytest.raises(ConfigError, match=f"'{name}'"):
+        TaskDistribution.from_dict({name: {"low": low, "high": high + 1.0}})
+
+
+def test_terrain_is_a_category_and_the_seed_an_integer():
+    with pytest.raises(ConfigError, match=r"'terrain' = 1.5 must be one of 0 \(flat\), 1 \(rough\), 2 \(slope\), 3"):
+        Task(terrain=1.5)
+    with pytest.raises(ConfigError, match="'terrain': a category, give 'choices'"):
+        TaskDistribution.from_dict({"terrain": {"low": 0, "high": 3}})
+    distribution = TaskDistribution.from_dict({"terrain": [0, 1, 3], "seed": {"low": 0, "high": 1000}})
+    tasks = distribution.sample_tasks(50, np.random.default_rng(0))
+    assert {t.terrain for t in tasks} == {0.0, 1.0, 3.0}
+    assert all(t.seed == int(t.seed) for t in tasks) and len({t.seed for t in tasks}) > 40
+    assert Task(seed=7.9).seed == 7.0  # rounded down
+
+
+def test_old_task_files_load_with_every_new_field_nominal(tmp_path):
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "tasks" / "a1_heldout_slippery.yaml"
+    task = load_task(shipped)
+    assert task == Task(friction=0.2, added_mass=5.0, motor_strength=0.75)
+    for name in NEW_FIELDS:
+        assert getattr(task, name) == getattr(Task(), name)
+    task = Task(latency=0.02, terrain=1, terrain_amplitude=0.05, seed=3, noise_gyro=0.01)
+    save_task(task, tmp_path / "task.yaml")
+    assert load_task(tmp_path / "task.yaml") == task
+
+
+def test_sample_tasks_draws_new_fields_generically():
+    distribution = TaskDistribution.from_dict(
+        {
+            "latency": {"low": 0.0, "high": 0.02},
+            "joint_damping": {"low": 0.05, "high": 0.5, "log": True},
+            "terrain": [0, 1],
+            "terrain_amplitude": {"low": 0.0, "high": 0.05},
+            "push_interval_s": 2.0,
+        }
+    )
+    tasks = distribution.sample_tasks(100, np.random.default_rng(1))
+    latencies = np.array([t.latency for t in tasks])
+    assert latencies.min() >= 0.0 and latencies.max() <= 0.02 and latencies.std() > 0.004
+    assert {t.push_interval_s for t in tasks} == {2.0}
+    assert {t.noise_gyro for t in tasks} == {0.0}  # not named: nominal
+    assert distribution.sample_tasks(100, np.random.default_rng(1)) == tasks
+    assert distribution.nominal().latency == pytest.approx(0.01)
+    assert distribution.nominal().terrain == 0.0  # a category: its first choice, not the mean
+    moved = distribution.recentred({"latency": 0.015})
+    assert moved.ranges["latency"].low == pytest.approx(0.005)
