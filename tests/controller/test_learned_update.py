@@ -11,7 +11,7 @@ from torch import nn
 
 from controller.errors import ConfigError
 from controller.learned_update import LearnedOptimizer, LearnedOptimizerMAML, MetaSGD, preprocess_gradients
-from controller.maml import MAMLConfig
+from controller.meta_trainer import MAMLConfig
 from controller.policies import MLSHPolicy
 from tests.controller.test_maml import _actor_names, assert_adaptation_helps, meta_train_and_evaluate
 

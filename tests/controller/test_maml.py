@@ -11,17 +11,8 @@ import torch
 from torch import nn
 
 from controller.errors import ConfigError
-from controller.maml import (
-    MAML,
-    MAMLConfig,
-    MAMLTrainer,
-    dice_objective,
-    discounted_returns,
-    fit_linear_baseline,
-    magic_box,
-    maml_update,
-    rollout,
-)
+from controller.maml import MAML, dice_objective, magic_box, maml_update
+from controller.meta_trainer import MAMLConfig, MAMLTrainer, discounted_returns, fit_linear_baseline, rollout
 from controller.policies import GaussianMLPPolicy
 from sim.fast_tasks import PointNavEnv, PointNavTaskDistribution
 

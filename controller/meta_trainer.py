@@ -1,0 +1,397 @@
+"""Meta-training loop for the gradient-based meta-learners (MAML, Meta-SGD, learned optimizer):
+rollouts on a batch of tasks, K inner adaptation steps through `MetaLearner.clone().adapt`, and a
+PPO-clip outer update that replays the inner steps through the graph. Knows no simulator: it is
+handed an env factory and a task sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.distributions import Normal
+
+from controller.errors import ConfigError
+from controller.maml import AdaptedModule, MetaLearner, dice_objective
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Episodes:
+    """Episodes from one task, padded to a common length T (mask 0 after an episode ended)."""
+
+    obs: Tensor
+    """[N, T, obs_dim] observations the actions were chosen on."""
+    actions: Tensor
+    """[N, T, act_dim] sampled (unclipped) actions."""
+    rewards: Tensor
+    """[N, T] rewards."""
+    log_probs: Tensor
+    """[N, T] log-probabilities under the sampling policy."""
+    mask: Tensor
+    """[N, T] 1 for real steps, 0 for padding."""
+    advantages: Tensor | None = None
+    """[N, T] advantage estimates, filled by the trainer."""
+
+    def episode_returns(self) -> Tensor:
+        """[N] undiscounted return of each episode."""
+        return (self.rewards * self.mask).sum(dim=1)
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Reward-to-go G_t = r_t + gamma * G_{t+1} within each episode; [N, T] -> [N, T]."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def fit_linear_baseline(obs: Tensor, returns: Tensor, mask: Tensor, reg: float = 1e-5) -> Tensor:
+    """Ridge regression of returns on [o, o^2, t, t^2, t^3, 1] (Duan et al. 2016), t = step / 100.
+
+    Args:
+        obs: [N, T, obs_dim]; returns, mask: [N, T].
+        reg: Ridge coefficient.
+
+    Returns:
+        [N, T] fitted values (0 on padding).
+    """
+    num_episodes, num_steps, _ = obs.shape
+    time = (torch.arange(num_steps, dtype=torch.float64) / 100.0).expand(num_episodes, num_steps)[..., None]
+    clipped = obs.to(torch.float64).clamp(-10.0, 10.0)
+    features = torch.cat([clipped, clipped.square(), time, time**2, time**3, torch.ones_like(time)], dim=-1)
+    valid = mask.bool()
+    x, y = features[valid], returns.to(torch.float64)[valid]
+    coefficients = torch.linalg.solve(x.T @ x + reg * torch.eye(x.shape[1], dtype=torch.float64), x.T @ y)
+    return (features @ coefficients).to(returns.dtype) * mask
+
+
+DistributionFn = Callable[[Tensor], Normal]
+"""Raw observations [n, obs_dim] -> diagonal Gaussian over actions [n, act_dim]."""
+
+
+def rollout(
+    groups: Sequence[tuple[DistributionFn, Sequence[Any]]],
+    num_steps: int,
+    seeds: Sequence[int],
+    generator: torch.Generator | None = None,
+    deterministic: bool = False,
+) -> list[Episodes]:
+    """Run one episode per env, each group of envs with its own policy, in plain Python loops.
+
+    Each step makes one batched policy call per group. Envs keep the task they were given; an
+    episode ends at termination, truncation or `num_steps`. Actions are clipped to the action space
+    before stepping; the unclipped sample is recorded.
+
+    Args:
+        groups: (distribution_fn, envs) pairs, e.g. one per task with that task's adapted policy.
+        num_steps: Longest episode length.
+        seeds: One reset seed per env, in group order.
+        generator: Random source for the action noise.
+        deterministic: Take the mean action (log_probs are then those of the mean).
+
+    Returns:
+        One `Episodes` per group (advantages unset).
+    """
+    num_envs = sum(len(envs) for _, envs in groups)
+    if len(seeds) != num_envs:
+        raise ValueError(f"rollout needs one seed per env: {num_envs} envs, got {len(seeds)} seeds")
+    seed_iter = iter(int(seed) for seed in seeds)
+    results = []
+    for distribution_fn, envs in groups:
+        obs_now = np.stack([env.reset(seed=next(seed_iter))[0] for env in envs]).astype(np.float32)
+        num_envs, obs_dim = obs_now.shape
+        obs = np.zeros((num_envs, num_steps, obs_dim), np.float32)
+        actions, rewards = None, np.zeros((num_envs, num_steps))
+        log_probs, mask = np.zeros((num_envs, num_steps)), np.zeros((num_envs, num_steps))
+        alive = np.ones(num_envs, dtype=bool)
+        for t in range(num_steps):
+            if not alive.any():
+                break
+            with torch.no_grad():
+                dist = distribution_fn(torch.as_tensor(obs_now))
+                if not isinstance(dist, Normal):
+                    raise TypeError(f"rollout needs a Normal action distribution, got {type(dist).__name__}")
+                if deterministic:
+                    action = dist.mean
+                else:
+                    action = dist.mean + dist.stddev * torch.randn(dist.mean.shape, generator=generator)
+                log_prob = dist.log_prob(action).sum(-1).numpy()
+            action = action.numpy()
+            if actions is None:
+                actions = np.zeros((num_envs, num_steps, action.shape[-1]), np.float32)
+            clipped = np.clip(action, envs[0].action_space.low, envs[0].action_space.high)  # a group shares a space
+            for i in np.flatnonzero(alive):
+                next_obs, reward, terminated, truncated, _ = envs[i].step(clipped[i])
+                obs[i, t], actions[i, t], rewards[i, t] = obs_now[i], action[i], reward
+                log_probs[i, t], mask[i, t] = log_prob[i], 1.0
+                obs_now[i] = next_obs
+                alive[i] = not (terminated or truncated)
+        length = int(mask.sum(axis=0).nonzero()[0].max()) + 1
+        results.append(
+            Episodes(
+                *(torch.as_tensor(array[:, :length], dtype=torch.float32) for array in (obs, actions, rewards)),
+                *(torch.as_tensor(array[:, :length], dtype=torch.float32) for array in (log_probs, mask)),
+            )
+        )
+    return results
+
+
+def _split(episodes: Episodes, num_parts: int) -> list[Episodes]:
+    """Split the rows of `episodes` into `num_parts` equal consecutive parts (one per task)."""
+    fields = [episodes.obs, episodes.actions, episodes.rewards, episodes.log_probs, episodes.mask]
+    return [Episodes(*parts) for parts in zip(*(field.chunk(num_parts) for field in fields))]
+
+
+def _standardize(values: Tensor, mask: Tensor) -> Tensor:
+    """Zero mean, unit (population) std over the real steps; 0 on padding."""
+    valid = values[mask.bool()]
+    return (values - valid.mean()) / (valid.std(correction=0) + 1e-8) * mask
+
+
+def policy_log_probs(clone: AdaptedModule, episodes: Episodes) -> Tensor:
+    """[N, T] differentiable log-probabilities of the recorded actions under the clone's fast weights."""
+    return clone.call("distribution", episodes.obs).log_prob(episodes.actions).sum(-1) * episodes.mask
+
+
+@dataclass
+class MAMLConfig:
+    """One meta-iteration: per task, K inner steps each on fresh episodes, then PPO-clip outer steps."""
+
+    meta_batch_size: int = 20
+    """Tasks per meta-iteration."""
+    episodes_per_task: int = 10
+    """Episodes per task before each inner step and after the last."""
+    num_inner_steps: int = 1
+    """K: inner adaptation steps."""
+    max_episode_steps: int = 200
+    """Cap on episode length (the env's own truncation usually comes first)."""
+    gamma: float = 0.99
+    """Discount of the reward-to-go."""
+    dice_lambda: float = 1.0
+    """Loaded-DiCE dependency discount (1: unbiased meta-gradient)."""
+    outer_learning_rate: float = 1e-3
+    """Adam step size on the meta-parameters."""
+    rule_learning_rate: float | None = None
+    """Adam step size on the update rule's own meta-parameters (Meta-SGD step sizes, a learned
+    optimizer); None: `outer_learning_rate`."""
+    outer_steps: int = 5
+    """PPO-clip steps on each meta-batch (each replays the inner steps)."""
+    clip_ratio: float = 0.2
+    """PPO clip range on the post-update likelihood ratio."""
+    max_grad_norm: float | None = 1.0
+    """Clip the meta-gradient norm; None disables."""
+    baseline_reg: float = 1e-5
+    """Ridge coefficient of the linear baseline."""
+    normalize_inner_advantages: bool = False
+    """Standardize the inner loss's advantages. Off, the inner step's size follows the return's
+    scale, so later inner steps shrink as the task gets solved (standardized, every step is full
+    size and K > 1 steps overshoot). The outer PPO advantages are always standardized."""
+    target_kl: float | None = 0.05
+    """Skip the remaining outer steps once the post-update policy's approximate KL to the sampling
+    policy exceeds 1.5 * target_kl; None disables."""
+    update_normalizer: bool = True
+    """Merge each iteration's observations into the policy's normalizer (if it has one)."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "bool" or (field.type.endswith("| None") and value is None):
+                continue
+            integer = field.type == "int"
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                raise ConfigError(
+                    f"MAMLConfig.{field.name} must be {'an int' if integer else 'a number'}, got {value!r}"
+                )
+            low_ok = value >= 0 if field.name in ("gamma", "dice_lambda", "baseline_reg") else value > 0
+            high_ok = value <= 1 if field.name in ("gamma", "dice_lambda") else math.isfinite(value)
+            if not (low_ok and high_ok):
+                raise ConfigError(f"MAMLConfig.{field.name} = {value!r} is out of range")
+
+
+class MAMLTrainer:
+    """Meta-trains a `MetaLearner` (MAML, Meta-SGD, a learned optimizer) on tasks it is handed.
+
+    Episodes are finite-horizon: returns are Monte-Carlo reward-to-go with no bootstrap at
+    truncation, and the linear baseline's time features absorb the horizon.
+
+    Args:
+        learner: The meta-learner; its module needs `distribution(obs) -> Normal`.
+        env_fn: Builds one env with `set_task` (reached through `get_wrapper_attr`).
+        sample_tasks: (num_tasks, rng) -> tasks, e.g. a task distribution's `sample_tasks`.
+        config: Hyperparameters.
+        seed: Seeds task draws, env resets and action noise (policy init is the caller's).
+    """
+
+    def __init__(
+        self,
+        learner: MetaLearner,
+        env_fn: Callable[[], Any],
+        sample_tasks: Callable[[int, np.random.Generator], Sequence[Any]],
+        config: MAMLConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.learner = learner
+        self.env_fn = env_fn
+        self.sample_tasks = sample_tasks
+        self.config = config or MAMLConfig()
+        self.rng = np.random.default_rng(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        module_ids = {id(param) for param in learner.module.parameters()}
+        rule = [param for param in learner.parameters() if id(param) not in module_ids]
+        groups = [{"params": list(learner.module.parameters())}]
+        if rule:
+            groups.append({"params": rule, "lr": self.config.rule_learning_rate or self.config.outer_learning_rate})
+        self.optimizer = torch.optim.Adam(groups, lr=self.config.outer_learning_rate)
+        self.iteration = 0
+        self._envs: list[Any] = []
+
+    def _env_groups(self, tasks: Sequence[Any]) -> list[list[Any]]:
+        per_task = self.config.episodes_per_task
+        while len(self._envs) < len(tasks) * per_task:
+            self._envs.append(self.env_fn())
+        groups = [self._envs[i * per_task : (i + 1) * per_task] for i in range(len(tasks))]
+        for task, envs in zip(tasks, groups):
+            for env in envs:
+                env.get_wrapper_attr("set_task")(task)
+        return groups
+
+    def _finish(self, episodes: Episodes) -> Episodes:
+        """Advantages: reward-to-go minus the linear baseline (standardized if so configured)."""
+        returns = discounted_returns(episodes.rewards, episodes.mask, self.config.gamma)
+        advantages = returns - fit_linear_baseline(episodes.obs, returns, episodes.mask, self.config.baseline_reg)
+        episodes.advantages = advantages * episodes.mask
+        if self.config.normalize_inner_advantages:
+            episodes.advantages = _standardize(advantages, episodes.mask)
+        return episodes
+
+    def inner_loss(self, clone: AdaptedModule, episodes: Episodes) -> Tensor:
+        """Negative loaded-DiCE surrogate of `episodes` (sampled by an earlier state of `clone`)."""
+        log_probs = policy_log_probs(clone, episodes)
+        return -dice_objective(
+            log_probs, episodes.advantages, episodes.mask, episodes.log_probs, self.config.dice_lambda
+        )
+
+    def sample(
+        self, tasks: Sequence[Any], num_inner_steps: int, deterministic_eval: bool = False
+    ) -> tuple[list[list[Episodes]], np.ndarray]:
+        """Per task, episodes before each inner step and after the last; adaptation is not recorded.
+
+        Returns:
+            episodes[task][k] for k = 0..K, and mean returns [num_tasks, K + 1] of those episodes,
+            or of extra deterministic (mean-action) episodes when `deterministic_eval`.
+        """
+        groups = self._env_groups(tasks)
+        clones = [self.learner.clone().detach() for _ in tasks]
+        batches: list[list[Episodes]] = [[] for _ in tasks]
+        returns = np.zeros((len(tasks), num_inner_steps + 1))
+        num_envs = len(tasks) * self.config.episodes_per_task
+        for k in range(num_inner_steps + 1):
+            if k == 0:  # every task starts from the module's own weights: one batched call per step
+                policies = [(self.learner.module.distribution, [env for envs in groups for env in envs])]
+            else:
+                policies = [
+                    (functools.partial(clone.call, "distribution"), envs) for clone, envs in zip(clones, groups)
+                ]
+            seeds = self.rng.integers(2**31, size=num_envs)
+            sampled = rollout(policies, self.config.max_episode_steps, seeds, self.generator)
+            if k == 0:
+                sampled = _split(sampled[0], len(tasks))
+            for i, episodes in enumerate(sampled):
+                batches[i].append(self._finish(episodes))
+                returns[i, k] = episodes.episode_returns().mean().item()
+            if deterministic_eval:
+                seeds = self.rng.integers(2**31, size=num_envs)
+                evaluated = rollout(policies, self.config.max_episode_steps, seeds, deterministic=True)
+                evaluated = _split(evaluated[0], len(tasks)) if k == 0 else evaluated
+                returns[:, k] = [episodes.episode_returns().mean().item() for episodes in evaluated]
+            if k < num_inner_steps:
+                for i, clone in enumerate(clones):
+                    clone.adapt(self.inner_loss(clone, batches[i][k]), first_order=True)
+                    clones[i] = clone.detach()
+        return batches, returns
+
+    def meta_loss(self, batches: Sequence[Sequence[Episodes]]) -> tuple[Tensor, float]:
+        """PPO-clip loss on the post-update episodes, through the replayed inner steps; and approx KL."""
+        losses, kls = [], []
+        clip = self.config.clip_ratio
+        for task_batches in batches:
+            clone = self.learner.clone()
+            for episodes in task_batches[:-1]:
+                clone.adapt(self.inner_loss(clone, episodes))
+            post = task_batches[-1]
+            log_ratio = policy_log_probs(clone, post) - post.log_probs * post.mask
+            ratio = log_ratio.exp()
+            # L = -mean_t min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) over real steps
+            advantages = _standardize(post.advantages, post.mask)
+            surrogate = torch.min(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages)
+            num_valid = post.mask.sum()
+            losses.append(-(surrogate * post.mask).sum() / num_valid)
+            kls.append((((ratio - 1.0) - log_ratio) * post.mask).sum().item() / num_valid.item())
+        return torch.stack(losses).mean(), float(np.mean(kls))
+
+    def step(self) -> dict[str, float]:
+        """One meta-iteration; returns its statistics."""
+        start = time.perf_counter()
+        config = self.config
+        tasks = self.sample_tasks(config.meta_batch_size, self.rng)
+        batches, returns = self.sample(tasks, config.num_inner_steps)
+        kls, num_updates = [], 0
+        for _ in range(config.outer_steps):
+            loss, kl = self.meta_loss(batches)
+            kls.append(kl)
+            if config.target_kl is not None and kl > 1.5 * config.target_kl:
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.learner.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            num_updates += 1
+        update_normalizer = getattr(self.learner.module, "update_normalizer", None)
+        if config.update_normalizer and update_normalizer is not None:
+            update_normalizer(torch.cat([ep.obs[ep.mask.bool()] for task_batches in batches for ep in task_batches]))
+        self.iteration += 1
+        return {
+            "iteration": float(self.iteration),
+            "pre_return": float(returns[:, 0].mean()),
+            "post_return": float(returns[:, -1].mean()),
+            "outer_loss": loss.item(),
+            "initial_approx_kl": kls[0],
+            "final_approx_kl": kls[-1],
+            "outer_updates": float(num_updates),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def train(self, num_iterations: int) -> list[dict[str, float]]:
+        """Run `num_iterations` meta-iterations; one stats dict each."""
+        history = []
+        for _ in range(num_iterations):
+            history.append(self.step())
+            logger.debug("meta-iteration %s", history[-1])
+        return history
+
+    def close(self) -> None:
+        """Close every env the trainer built."""
+        for env in self._envs:
+            env.close()
+        self._envs.clear()
+
+    def adaptation_returns(
+        self, tasks: Sequence[Any], num_inner_steps: int | None = None, deterministic_eval: bool = False
+    ) -> np.ndarray:
+        """Mean return [num_tasks, K + 1] on each task after k = 0..K inner steps (meta-test)."""
+        steps = self.config.num_inner_steps if num_inner_steps is None else num_inner_steps
+        return self.sample(tasks, steps, deterministic_eval)[1]
