@@ -45,6 +45,8 @@ def _emulate(args: argparse.Namespace) -> int:
         gyro_bias=args.gyro_bias,
         supports_reset=not args.refuse_reset,
         duration=args.seconds,
+        faults=args.faults,
+        link_path=args.link_path,
     )
     return 0
 
@@ -126,7 +128,13 @@ def _demo(args: argparse.Namespace) -> int:
     from calibration.demo import run_demo
 
     summary = run_demo(
-        quick=args.quick, k=args.k, seconds=args.seconds, lockstep=not args.realtime, bundle=args.bundle, task=args.task
+        quick=args.quick,
+        k=args.k,
+        seconds=args.seconds,
+        lockstep=not args.realtime,
+        bundle=args.bundle,
+        task=args.task,
+        plot=args.plot,
     )
     if args.json:
         print(json.dumps(summary))
@@ -181,6 +189,14 @@ def _sysid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _link(args: argparse.Namespace) -> int:
+    from deploy.bringup import check_link, format_report
+
+    report = check_link(args.port, args.seconds)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
 def _fmt(values: list[float], digits: int = 1) -> str:
     return ", ".join(f"{value:.{digits}f}" for value in values)
 
@@ -220,7 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--gyro-bias", type=_floats, help="comma-separated gyro bias x,y,z (rad/s)")
     emulate.add_argument("--refuse-reset", action="store_true", help="act like a real robot that cannot reset")
     emulate.add_argument("--seconds", type=float, help="stop after this long")
+    emulate.add_argument(
+        "--faults",
+        help="link faults on the frames sent, e.g. drop=0.05,corrupt=0.01,delay=0.02,duplicate=0.01,reorder=0.01,"
+        "disconnect=SECONDS (after the first Hello; outage=SECONDS, seed=N)",
+    )
+    emulate.add_argument(
+        "--link-path",
+        help="path to serve: a symlink re-pointed at each new pty (so a host can reopen it), or socket://HOST:PORT",
+    )
     emulate.set_defaults(handler=_emulate)
+
+    link = commands.add_parser("link", help="bring-up: handshake, identity, latency and frame errors of a link")
+    link.add_argument("--port", required=True, help="serial device, pty path, socket://host:port")
+    link.add_argument("--seconds", type=float, default=3.0, help="how long to measure")
+    link.set_defaults(handler=_link)
 
     deploy = commands.add_parser("deploy", help="run a bundle on the robot")
     _robot_arguments(deploy)
@@ -254,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--realtime", action="store_true", help="emulator in real time instead of lockstep")
     demo.add_argument("--bundle", help="bundle to use instead of the shipped one")
     demo.add_argument("--task", help="task YAML for the emulator instead of the held-out one")
+    demo.add_argument("--plot", default="demo_adaptation.png", help="where to write the returns plot (PNG)")
     demo.set_defaults(handler=_demo)
 
     calibrate = commands.add_parser("calibrate", help="measure the robot: sensor offsets, dynamics")
