@@ -21,7 +21,8 @@ from deploy.link import Link
 from deploy.protocol import FrameDecoder, FrameEncoder, Mode, Reset, State
 from deploy.robot import RobotEnv
 from deploy.runtime import PolicyRuntime
-from sim.emulator import Emulator, FaultInjector, FaultSpec
+from sim.emulator import Emulator
+from sim.emulator_link import FaultInjector, FaultSpec
 from tests.conftest import metactl
 
 FAULTS = "drop=0.05,corrupt=0.01,delay=0.02,duplicate=0.01,reorder=0.01"
