@@ -46,7 +46,7 @@ class Recording:
 
 
 def excitation(spec: RobotSpec, seconds: float) -> np.ndarray:
-    """Joint targets [T, n]: squats and sways of growing frequency with all feet on the ground.
+    """Joint targets [T, n]: slow squats and sways of growing frequency with all feet on the ground.
 
     Smooth and contact-stable, so two runs of the same robot stay close (a trot's foot impacts
     make trajectories diverge chaotically and the fit would chase noise). Assumes the
@@ -54,8 +54,9 @@ def excitation(spec: RobotSpec, seconds: float) -> np.ndarray:
     """
     steps = int(seconds * spec.control_rate_hz)
     time = np.arange(steps) / spec.control_rate_hz
-    # Phase of a chirp from 0.5 Hz to 2.5 Hz: 2 pi (f0 t + (f1 - f0) t^2 / (2 T)).
-    phase = 2 * np.pi * (0.5 * time + 1.0 * time**2 / max(seconds, 1e-6))
+    # Phase of a slow chirp from 0.3 Hz to 1 Hz: 2 pi (f0 t + (f1 - f0) t^2 / (2 T)). Slow keeps the
+    # error smooth in the parameters (faster motion excites contact chatter that is not).
+    phase = 2 * np.pi * (0.3 * time + 0.7 * time**2 / (2 * max(seconds, 1e-6)))
     squat = 0.25 * np.sin(phase)
     sway = 0.1 * np.sin(0.5 * phase)
     targets = np.tile(spec.array("default_pose"), (steps, 1))
@@ -145,16 +146,25 @@ def identify(
         values = low + np.clip(unit, 0.0, 1.0) * (high - low)
         return Task(**dict(zip(parameters, values.tolist())))
 
-    options = {"bounds": [0.0, 1.0], "seed": seed + 1, "maxfevals": max_evaluations, "verbose": -9, "popsize": 10}
-    strategy = cma.CMAEvolutionStrategy(np.full(len(parameters), 0.5), 0.25, options)
-    with tqdm(total=max_evaluations, desc="sysid", disable=not progress, leave=False) as bar:
+    def search(start: np.ndarray, sigma: float, evaluations: int, bar) -> cma.CMAEvolutionStrategy:
+        options = {"bounds": [0.0, 1.0], "seed": seed + 1, "maxfevals": evaluations, "verbose": -9, "popsize": 10}
+        strategy = cma.CMAEvolutionStrategy(start, sigma, options)
         while not strategy.stop():
             candidates = strategy.ask()
             errors = [trajectory_error(recording, replay(sim, to_task(x), recording)) for x in candidates]
             strategy.tell(candidates, errors)
             bar.update(len(candidates))
             bar.set_postfix(error=f"{min(errors):.4f}")
+        return strategy
+
+    # A global search over the whole box, then a local one around its best point.
+    global_evaluations = int(0.7 * max_evaluations)
+    with tqdm(total=max_evaluations, desc="sysid", disable=not progress, leave=False) as bar:
+        first = search(np.full(len(parameters), 0.5), 0.25, global_evaluations, bar)
+        strategy = search(np.clip(first.result.xbest, 0.0, 1.0), 0.03, max_evaluations - global_evaluations, bar)
     sim.close()
+    if first.result.fbest < strategy.result.fbest:
+        strategy = first
     best = np.clip(strategy.result.xbest, 0.0, 1.0)
     std_unit = strategy.sigma * np.sqrt(np.diag(strategy.C))
     values = low + best * (high - low)
@@ -171,7 +181,7 @@ def calibrate_sysid(
     spec: RobotSpec,
     *,
     parameters: list[str] | None = None,
-    seconds: float = 3.0,
+    seconds: float = 4.0,
     max_evaluations: int = 300,
     calibration: CalibrationFile | None = None,
     progress: bool = True,
