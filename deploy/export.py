@@ -141,6 +141,19 @@ def load_policy_file(path: Path) -> MLSHPolicy:
     return policy
 
 
+def _wall_time(checkpoint: dict[str, Any], metrics: list[dict[str, float]]) -> float:
+    """Training seconds up to the checkpoint; older checkpoints lack the field, so sum the iterations."""
+    if "wall_time_s" in checkpoint:
+        return float(checkpoint["wall_time_s"])
+    rows = metrics[: int(checkpoint.get("num_metric_rows", len(metrics)))]
+    previous, total = 0.0, 0.0
+    for row in rows:
+        if row.get("steps_per_second"):
+            total += (row["step"] - previous) / row["steps_per_second"]
+        previous = row["step"]
+    return total
+
+
 def export_run(run_dir: str | Path, bundle_dir: str | Path) -> Path:
     """Export the latest checkpoint of a run to a fresh bundle (version v0).
 
@@ -173,7 +186,7 @@ def export_run(run_dir: str | Path, bundle_dir: str | Path) -> Path:
             "seed": config.get("seed"),
             "run_dir": str(run.path),
             "total_steps": int(checkpoint["total_steps"]),
-            "wall_time_s": float(checkpoint.get("wall_time_s", 0.0)),
+            "wall_time_s": round(_wall_time(checkpoint, metrics), 1),
             "final_return": metrics[-1].get("episode_return") if metrics else None,
         }
         manifest = build_manifest(spec, policy, training)
