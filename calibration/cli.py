@@ -12,7 +12,7 @@ import logging
 import shlex
 import sys
 
-from controller.errors import MetactlError
+from controller.errors import ConfigError, MetactlError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -146,7 +146,22 @@ def _eval(args: argparse.Namespace) -> int:
 
     from sim.evaluation import evaluate
 
-    ks = [int(value) for value in args.k.split(",")]
+    try:
+        ks = [int(value) for value in args.k.split(",")]
+    except ValueError as error:
+        raise ConfigError(f"-k must be comma-separated integers, got {args.k!r}") from error
+    if args.suite is not None:
+        from sim.fast_suite import run_suite
+        from sim.fast_suite_report import markdown_table as suite_table
+
+        results = run_suite(ks, budget=args.budget, out_dir=args.out or "runs/point_suite", progress=True)
+        print(suite_table(results))
+        print("written: " + ", ".join(results["files"]))
+        if args.json:
+            print(json.dumps(results["summary"]))
+        return 0
+    if args.run_dir is None or args.tasks is None:
+        raise ConfigError("metactl eval needs RUN_DIR and --tasks (or --suite point)")
     results = evaluate(
         args.run_dir,
         args.tasks,
@@ -265,8 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.set_defaults(handler=_adapt)
 
     evaluation = commands.add_parser("eval", help="meta-test: return after K adaptation episodes on held-out tasks")
-    evaluation.add_argument("run_dir")
-    evaluation.add_argument("--tasks", required=True, help="YAML with `tasks: [...]` (held-out tasks)")
+    evaluation.add_argument("run_dir", nargs="?", help="training run to evaluate (omit with --suite)")
+    evaluation.add_argument("--tasks", help="YAML with `tasks: [...]` (held-out tasks)")
+    evaluation.add_argument(
+        "--suite", choices=["point"], help="train and meta-test every algorithm and baseline on a fast task"
+    )
+    evaluation.add_argument("--budget", choices=["quick", "full"], default="quick", help="training budget of --suite")
     evaluation.add_argument("-k", default="0,1,3,5", help="comma-separated adaptation episode counts")
     evaluation.add_argument("--baseline", help="domain-randomized run: evaluated as is and fine-tuning all weights")
     evaluation.add_argument("--oracle", help="run trained with the true task in its observation")

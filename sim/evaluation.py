@@ -107,7 +107,8 @@ def rollout(
         episode.logits.append(logits)
         obs, reward, terminated, truncated, info = env.step(action)
         episode.rewards.append(reward)
-        episode.forward_velocity.append(float(info["base_vel"][0]))
+        if "base_vel" in info:  # locomotion envs only; the point task has no base
+            episode.forward_velocity.append(float(info["base_vel"][0]))
         if terminated or truncated:
             episode.terminated = terminated
             return episode

@@ -204,3 +204,14 @@ def test_eval_writes_table_json_and_plot(tiny_run: Path, tmp_path: Path) -> None
     assert "normalized" in summary["fine-tune all"]["1"]
     for name in ("eval.md", "eval.json", "eval.png"):
         assert (tmp_path / "eval" / name).exists()
+
+
+def test_eval_suite_point_runs_every_method(tmp_path: Path) -> None:
+    from sim.fast_suite import BUDGETS
+
+    assert "quick" in BUDGETS
+    result = metactl("eval", "--suite", "point", "-k", "0,1", "--out", str(tmp_path), "--json", check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "oracle" in summary and "random" in summary and len(summary) >= 8
+    assert (tmp_path / "eval.md").exists() and (tmp_path / "eval.png").exists()

@@ -1,4 +1,5 @@
-"""RL^2 (controller/rl2.py): trials, trial-long GAE, recurrent PPO, ONNX export, adaptation within a trial."""
+"""RL^2 (controller/rl2.py, controller/rl2_rollout.py): trials, trial-long GAE, recurrent PPO, ONNX export,
+adaptation within a trial."""
 
 from __future__ import annotations
 
@@ -12,16 +13,8 @@ import torch
 
 from controller.errors import ConfigError
 from controller.ppo import PPOConfig
-from controller.rl2 import (
-    EXPORT_INPUT_NAMES,
-    EXPORT_OUTPUT_NAMES,
-    GRUPolicy,
-    RL2Config,
-    RL2Trainer,
-    Trials,
-    run_trials,
-    trial_advantages,
-)
+from controller.rl2 import EXPORT_INPUT_NAMES, EXPORT_OUTPUT_NAMES, GRUPolicy, RL2Config, RL2Trainer
+from controller.rl2_rollout import Trials, run_trials, trial_advantages
 from sim.fast_tasks import PointNavEnv, PointNavTask, PointNavTaskDistribution
 
 torch.set_num_threads(1)
