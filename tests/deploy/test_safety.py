@@ -289,9 +289,10 @@ def test_watchdog_trip_is_counted_and_recovered(spec, emulator) -> None:
         time.sleep(0.2)  # the host stalls: no Command for 200 ms
         _, _, _, _, info = env.step(np.zeros(spec.num_joints))
         assert info["mode"] == Mode.DAMPING and info["gap"]
-        assert env.health.watchdog_trips == 1 and env.gaps >= 1
+        # At least the stall's trip; a host starved of CPU by other jobs can stall past 50 ms again.
+        assert env.health.watchdog_trips >= 1 and env.gaps >= 1
         modes = [env.step(np.zeros(spec.num_joints))[4]["mode"] for _ in range(5)]
         assert modes[-1] == Mode.POSITION  # the host asked for POSITION again
-        assert env.health.faults.get("WATCHDOG", 0) == 1
+        assert env.health.faults.get("WATCHDOG", 0) == env.health.watchdog_trips
     finally:
         env.close()
