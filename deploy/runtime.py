@@ -97,3 +97,63 @@ class PolicyRuntime:
             self._ticks_left = self.macro_steps
         self._ticks_left -= 1
         return actions[0, self.option], {"option": self.option, "chose": chose, "logits": logits[0]}
+
+
+class RecurrentRuntime:
+    """Runs a recurrent (RL^2) graph `obs, hidden -> action, hidden_out` one tick at a time.
+
+    The hidden state is the policy's memory of the task: it carries across the episodes of one
+    trial and is zeroed only by `reset_trial()`. Each tick's graph input is
+    [obs, previous action, previous reward, episode-start flag], the layout of
+    `controller.rl2.GRUPolicy.step_input`.
+    """
+
+    INPUT_NAMES = ("obs", "hidden")
+    OUTPUT_NAMES = ("action", "hidden_out")
+
+    def __init__(self, path: str | Path, obs_dim: int) -> None:
+        self._session = make_session(Path(path))
+        inputs = {node.name: node.shape for node in self._session.get_inputs()}
+        outputs = [node.name for node in self._session.get_outputs()]
+        if tuple(inputs) != self.INPUT_NAMES or tuple(outputs) != self.OUTPUT_NAMES:
+            raise BundleError(
+                f"{path}: a recurrent policy needs inputs {list(self.INPUT_NAMES)} and outputs "
+                f"{list(self.OUTPUT_NAMES)}, got {list(inputs)} {outputs}"
+            )
+        input_dim, self.hidden_size = int(inputs["obs"][-1]), int(inputs["hidden"][-1])
+        self.obs_dim = obs_dim
+        self.act_dim = input_dim - obs_dim - 2
+        if self.act_dim < 1:
+            raise BundleError(f"{path}: step input width {input_dim} does not fit obs_dim {obs_dim}")
+        self.reset_trial()
+
+    def reset_trial(self) -> None:
+        """A new task: forget everything."""
+        self.hidden = np.zeros((1, self.hidden_size), dtype=np.float32)
+        self._previous_action = np.zeros(self.act_dim, dtype=np.float32)
+        self._previous_reward = 0.0
+        self._started = False
+        self._episode_start = False
+
+    def start_episode(self) -> None:
+        """A new episode of the same trial: the memory stays, the graph is told the episode restarted."""
+        self._episode_start = self._started
+        self._previous_action[:] = 0.0
+        self._previous_reward = 0.0
+
+    def act(self, obs: np.ndarray, previous_reward: float | None = None) -> np.ndarray:
+        """One tick; `previous_reward` is the reward the last action earned (None on an episode's first tick)."""
+        if previous_reward is not None:
+            self._previous_reward = float(previous_reward)
+        step_input = np.concatenate(
+            [
+                np.asarray(obs, dtype=np.float32).reshape(self.obs_dim),
+                self._previous_action,
+                [self._previous_reward, 1.0 if self._episode_start else 0.0],
+            ]
+        ).astype(np.float32)[None]
+        action, self.hidden = self._session.run(None, {"obs": step_input, "hidden": self.hidden})
+        self._started = True
+        self._episode_start = False
+        self._previous_action = np.clip(action[0], -1.0, 1.0).astype(np.float32)
+        return action[0]
