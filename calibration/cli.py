@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     sysid = steps.add_parser("sysid", help="fit simulator parameters to an excitation recorded on the robot")
     sysid.add_argument("--port", required=True)
     sysid.add_argument("--robot", default="a1")
-    sysid.add_argument("--parameters", default="added_mass,motor_strength,friction", help="comma-separated")
+    sysid.add_argument(
+        "--parameters", default="added_mass,motor_strength,friction,latency", help="comma-separated task parameters"
+    )
     sysid.add_argument("--seconds", type=float, default=4.0, help="excitation length")
     sysid.add_argument("--evaluations", type=int, default=300, help="CMA-ES simulator replays")
     sysid.add_argument("-o", "--output", default="calibration.yaml", help="calibration YAML (merged if it exists)")

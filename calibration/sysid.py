@@ -29,6 +29,7 @@ SEARCH_RANGES: dict[str, tuple[float, float]] = {
     "motor_strength": (0.5, 1.5),
     "friction": (0.1, 2.0),
     "kp_scale": (0.5, 1.5),
+    "latency": (0.0, 0.04),
 }
 
 
@@ -187,7 +188,7 @@ def calibrate_sysid(
     progress: bool = True,
 ) -> CalibrationFile:
     """Record an excitation on the robot and fit the simulator to it; merges into `calibration`."""
-    parameters = parameters or ["added_mass", "motor_strength", "friction"]
+    parameters = parameters or ["added_mass", "motor_strength", "friction", "latency"]
     env = RobotEnv(url, spec, calibration=calibration.for_deploy() if calibration else None)
     try:
         capabilities = env.connect()

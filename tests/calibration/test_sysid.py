@@ -9,8 +9,8 @@ import yaml
 from tests.conftest import metactl
 
 
-def test_sysid_recovers_hidden_mass_and_motor_strength(tmp_path: Path, emulator) -> None:
-    hidden = {"friction": 0.6, "added_mass": 2.0, "motor_strength": 0.85}
+def test_sysid_recovers_hidden_mass_motor_strength_and_latency(tmp_path: Path, emulator) -> None:
+    hidden = {"friction": 0.6, "added_mass": 2.0, "motor_strength": 0.85, "latency": 0.02}
     task = tmp_path / "hidden.yaml"
     task.write_text(yaml.safe_dump(hidden))
     robot = emulator("--lockstep", "--task", str(task))
@@ -21,6 +21,7 @@ def test_sysid_recovers_hidden_mass_and_motor_strength(tmp_path: Path, emulator)
     identified = calibration["identified"]
     assert abs(identified["added_mass"] - hidden["added_mass"]) <= 0.1 * hidden["added_mass"]
     assert abs(identified["motor_strength"] - hidden["motor_strength"]) <= 0.1 * hidden["motor_strength"]
+    assert abs(identified["latency"] - hidden["latency"]) <= 1.0 / 50  # within one control step
     assert set(calibration["uncertainty"]) == set(identified)
 
 
