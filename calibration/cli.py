@@ -43,6 +43,7 @@ def _emulate(args: argparse.Namespace) -> int:
         lockstep=args.lockstep,
         joint_offsets=args.joint_offsets,
         gyro_bias=args.gyro_bias,
+        imu_tilt=args.imu_tilt,
         supports_reset=not args.refuse_reset,
         duration=args.seconds,
         faults=args.faults,
@@ -118,6 +119,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     result.save(args.output)
     print(f"joint offsets (rad): {_fmt(result.joint_offsets, 4)}")
     print(f"gyro bias (rad/s):   {_fmt(result.gyro_bias, 4)}")
+    print(f"IMU tilt (rad):      roll {result.imu_tilt[0]:.4f}, pitch {result.imu_tilt[1]:.4f}")
     print(f"from {result.recording['samples']} samples; written to {args.output}")
     return 0
 
@@ -249,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--lockstep", action="store_true", help="advance one control step per Command")
     emulate.add_argument("--joint-offsets", type=_floats, help="comma-separated encoder zero offsets (rad)")
     emulate.add_argument("--gyro-bias", type=_floats, help="comma-separated gyro bias x,y,z (rad/s)")
+    emulate.add_argument("--imu-tilt", type=_floats, help="IMU mounting roll,pitch (rad)")
     emulate.add_argument("--refuse-reset", action="store_true", help="act like a real robot that cannot reset")
     emulate.add_argument("--seconds", type=float, help="stop after this long")
     emulate.add_argument(
@@ -306,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", default="demo_adaptation.png", help="where to write the returns plot (PNG)")
     demo.set_defaults(handler=_demo)
 
-    calibrate = commands.add_parser("calibrate", help="measure the robot: sensor offsets, dynamics")
+    calibrate = commands.add_parser("calibrate", help="measure the robot: sensor offsets and IMU tilt, dynamics")
     steps = calibrate.add_subparsers(dest="step", required=True)
     offsets = steps.add_parser("offsets", help="joint zero offsets and gyro bias from a static recording")
     offsets.add_argument("--port", required=True)

@@ -25,6 +25,8 @@ class CalibrationFile:
     """Encoder zero offsets (rad): reading = true angle + offset."""
     gyro_bias: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Gyro bias (rad/s): reading = true rate + bias."""
+    imu_tilt: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """IMU mounting roll and pitch (rad)."""
     identified: dict[str, float] = field(default_factory=dict)
     """Task parameters identified by system identification (re-centre training ranges on them)."""
     uncertainty: dict[str, float] = field(default_factory=dict)
@@ -37,11 +39,14 @@ class CalibrationFile:
             raise ConfigError("calibration 'joint_offsets' must be finite numbers")
         if len(self.gyro_bias) != 3 or not all(np.isfinite(self.gyro_bias)):
             raise ConfigError("calibration 'gyro_bias' must be 3 finite numbers")
+        if len(self.imu_tilt) != 2 or not all(np.isfinite(self.imu_tilt)):
+            raise ConfigError("calibration 'imu_tilt' must be 2 finite numbers (roll, pitch)")
 
     def for_deploy(self) -> Calibration:
         return Calibration(
             joint_offsets=None if self.joint_offsets is None else np.asarray(self.joint_offsets, dtype=np.float64),
             gyro_bias=np.asarray(self.gyro_bias, dtype=np.float64),
+            imu_tilt=np.asarray(self.imu_tilt, dtype=np.float64),
         )
 
     def save(self, path: str | Path) -> Path:

@@ -65,6 +65,39 @@ def rotate_to_body(quat: np.ndarray, vector: np.ndarray) -> np.ndarray:
     )
 
 
+def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamilton product a * b of (x, y, z, w) quaternions (apply b, then a)."""
+    ax, ay, az, aw = a
+    bx, by, bz, bw = b
+    return np.array(
+        [
+            aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx,
+            aw * bz + ax * by - ay * bx + az * bw,
+            aw * bw - ax * bx - ay * by - az * bz,
+        ]
+    )
+
+
+def quat_conjugate(quat: np.ndarray) -> np.ndarray:
+    x, y, z, w = quat
+    return np.array([-x, -y, -z, w])
+
+
+def quat_from_roll_pitch(roll: float, pitch: float) -> np.ndarray:
+    """Rotation by `pitch` about y after `roll` about x (yaw 0), as (x, y, z, w)."""
+    cr, sr, cp, sp = np.cos(roll / 2), np.sin(roll / 2), np.cos(pitch / 2), np.sin(pitch / 2)
+    return np.array([sr * cp, cr * sp, -sr * sp, cr * cp])
+
+
+def roll_pitch(quat: np.ndarray) -> tuple[float, float]:
+    """Roll and pitch (ZYX Euler angles) of an (x, y, z, w) quaternion."""
+    x, y, z, w = quat
+    roll = np.arctan2(2 * (w * x + y * z), 1 - 2 * (x * x + y * y))
+    pitch = np.arcsin(np.clip(2 * (w * y - z * x), -1.0, 1.0))
+    return float(roll), float(pitch)
+
+
 def upright(quat: np.ndarray) -> float:
     """World-z component of the body z-axis: 1 standing, 0 on its side, -1 upside down."""
     x, y, _, _ = quat

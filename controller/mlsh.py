@@ -3,12 +3,21 @@ update the master only, then U joint iterations that update master and shared su
 
 The trainer knows no simulator: it is handed a Gymnasium vector env (with `set_task` reachable
 through `envs.call`) and a task sampler.
+
+Rollouts run on frozen copies of the networks with each actor and critic fused into one MLP
+(`_FusedMLP`), under `torch.inference_mode`, with the iteration's sampling noise drawn up front and
+the per-step bookkeeping done on preallocated [T, E] arrays. PPO evaluates each row with its own
+sub-policy only. The sampled distributions are those of `MLSHPolicy.sub_act` and
+`CategoricalMLPPolicy.act`. With one sub-policy the master has nothing to choose, so it is neither
+run nor trained: MLSH with K = 1 is domain-randomized PPO.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,12 +25,18 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
+from torch import Tensor, nn
 
+from controller.networks import RunningNormalizer
 from controller.policies import MLSHPolicy
 from controller.ppo import PPOConfig, compute_gae, ppo_update
 from controller.rundir import RunDir
 
 logger = logging.getLogger(__name__)
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+NUM_RECENT_RETURNS = 100
+"""Completed-episode returns kept in `MLSHTrainer.recent_returns`."""
 
 
 @dataclass
@@ -58,18 +73,6 @@ class MLSHConfig:
         return self.warmup_iterations + self.joint_iterations
 
 
-@dataclass
-class _Macro:
-    """An open master decision in one env copy."""
-
-    obs: np.ndarray
-    option: int
-    log_prob: float
-    value: float
-    reward: float = 0.0
-    steps: int = 0
-
-
 class MLSHTrainer:
     """Runs the MLSH schedule, writing metrics and a checkpoint after every task group."""
 
@@ -99,6 +102,8 @@ class MLSHTrainer:
         self.num_metric_rows = 0
         self._episode_returns = np.zeros(self.num_envs)
         self.wall_time_s = 0.0
+        self.recent_returns: deque[float] = deque(maxlen=NUM_RECENT_RETURNS)
+        """Returns of the latest completed episodes, oldest first (diagnostics; not checkpointed)."""
 
     def _new_master_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.policy.master.parameters(), lr=self.config.master_ppo.learning_rate)
@@ -160,6 +165,7 @@ class MLSHTrainer:
             for iteration in range(config.iterations_per_group):
                 start = time.perf_counter()
                 obs, rollout = self._collect(obs, config.steps_per_iteration // self.num_envs)
+                self.recent_returns.extend(rollout["finished_returns"])
                 stats = self._update(rollout, joint=iteration >= config.warmup_iterations, generator=generator)
                 elapsed = time.perf_counter() - start
                 self.wall_time_s += elapsed
@@ -178,74 +184,96 @@ class MLSHTrainer:
         bar.close()
         self.run_dir.plot_learning_curve()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _collect(self, obs: np.ndarray, num_steps: int) -> tuple[np.ndarray, dict[str, Any]]:
-        """Roll the vector env forward `num_steps` per copy; returns the next obs and the data."""
-        policy, num_envs = self.policy, self.num_envs
-        steps: dict[str, list] = {
-            key: []
-            for key in ("obs", "option", "action", "log_prob", "value", "reward", "terminated", "truncated", "next_obs")
+        """Roll the vector env forward `num_steps` per copy; returns the next obs and the data.
+
+        Returns:
+            The next observations [E, obs_dim] and the rollout: time-major arrays [T, E, ...] of the
+            steps (obs, option, action, log_prob, value, next_value, reward, terminated, truncated,
+            next_obs) and of the master's macro-steps (decided: a macro-step starts here, with its
+            master_log_prob and master_value; closed: it ends after this step), plus
+            finished_returns and num_steps.
+        """
+        policy, num_envs, num_options = self.policy, self.num_envs, self.policy.num_subpolicies
+        nets = _RolloutNetworks(policy)
+        use_master = num_options > 1
+        shape = (num_steps, num_envs)
+        data = {
+            "obs": np.empty((*shape, obs.shape[-1]), np.float32),
+            "next_obs": np.empty((*shape, obs.shape[-1]), np.float32),
+            "option": np.zeros(shape, np.int64),
+            "action": np.empty((*shape, policy.act_dim), np.float32),
+            "mean": np.empty((*shape, policy.act_dim), np.float32),
+            "value": np.empty(shape, np.float32),
+            "reward": np.empty(shape, np.float64),
+            "terminated": np.empty(shape, bool),
+            "truncated": np.empty(shape, bool),
+            "decided": np.zeros(shape, bool),
+            "closed": np.zeros(shape, bool),
+            "master_log_prob": np.zeros(shape, np.float32),
+            "master_value": np.zeros(shape, np.float32),
         }
-        macros: list[list[dict]] = [[] for _ in range(num_envs)]
-        open_macro: list[_Macro | None] = [None] * num_envs
+        # All sampling randomness of the iteration in two draws from the (per-group seeded) global RNG.
+        noise = torch.randn(*shape, policy.act_dim).numpy()
+        uniforms = torch.rand(*shape, 3, dtype=torch.float64).numpy() if use_master else None
+        std = nets.log_std.exp().numpy()  # [K, act_dim]
+        options = np.zeros(num_envs, np.int64)
+        macro_length = np.zeros(num_envs, np.int64)
+        is_open = np.zeros(num_envs, bool)  # every copy starts a macro-step at the rollout's first step
         episode_returns = self._episode_returns
         finished: list[float] = []
         for t in range(num_steps):
-            obs_t = torch.as_tensor(obs, dtype=torch.float32)
-            need = [e for e in range(num_envs) if open_macro[e] is None]
-            if need:
-                option, log_prob, value = policy.master.act(obs_t[need], epsilon=self.config.master_epsilon)
-                for row, e in enumerate(need):
-                    open_macro[e] = _Macro(obs[e].copy(), int(option[row]), float(log_prob[row]), float(value[row]))
-            options = torch.tensor([m.option for m in open_macro])
-            action, log_prob, value = policy.sub_act(obs_t, options)
-            next_obs, reward, terminated, truncated, info = self.envs.step(action.numpy())
-            done = np.logical_or(terminated, truncated)
-            real_next = next_obs.copy()
-            if done.any():
-                final = info["final_obs"]
-                for e in np.flatnonzero(done):
-                    real_next[e] = final[e]
-            last = t == num_steps - 1
-            steps["obs"].append(obs)
-            steps["option"].append(options.numpy())
-            steps["action"].append(action.numpy())
-            steps["log_prob"].append(log_prob.numpy())
-            steps["value"].append(value.numpy())
-            steps["reward"].append(reward)
-            steps["terminated"].append(terminated)
-            # The rollout boundary cuts GAE like a time limit: bootstrap from V(next obs).
-            steps["truncated"].append(np.logical_or(truncated, last))
-            steps["next_obs"].append(real_next)
+            obs_t = torch.as_tensor(obs, dtype=torch.float32)  # no copy for a float32 env
+            if use_master and not is_open.all():
+                decide = ~is_open
+                chosen, data["master_log_prob"][t], data["master_value"][t] = nets.choose(
+                    obs_t, uniforms[t], self.config.master_epsilon
+                )
+                options = np.where(decide, chosen, options)
+                data["decided"][t] = decide
+                macro_length[decide] = 0
+                is_open[:] = True
+            mean, value = nets.sub(obs_t, options)
+            mean = mean.numpy()
+            action = mean + std[options] * noise[t]
+            # Stored before stepping: a vector env built with copy=False reuses its observation array.
+            data["obs"][t] = obs
+            data["option"][t] = options
+            data["action"][t] = action
+            data["mean"][t] = mean
+            data["value"][t] = value.numpy()
+            next_obs, reward, terminated, truncated, info = self.envs.step(action)
+            data["next_obs"][t] = next_obs
+            data["reward"][t] = reward
+            data["terminated"][t] = terminated
+            data["truncated"][t] = truncated
+            done = terminated | truncated
             episode_returns += reward
-            for e in range(num_envs):
-                macro = open_macro[e]
-                macro.reward += float(reward[e])
-                macro.steps += 1
-                if macro.steps >= self.macro_steps or done[e] or last:
-                    macros[e].append(
-                        {
-                            "obs": macro.obs,
-                            "option": macro.option,
-                            "log_prob": macro.log_prob,
-                            "value": macro.value,
-                            "reward": macro.reward,
-                            "terminated": bool(terminated[e]),
-                            "truncated": bool(truncated[e] or last) and not terminated[e],
-                            "next_obs": real_next[e],
-                        }
-                    )
-                    open_macro[e] = None
-                if done[e]:
+            if done.any():
+                for e in np.flatnonzero(done):
+                    data["next_obs"][t, e] = info["final_obs"][e]  # the state before the autoreset
                     finished.append(float(episode_returns[e]))
                     episode_returns[e] = 0.0
+            if use_master:
+                macro_length += 1
+                data["closed"][t] = closed = (macro_length >= self.macro_steps) | done
+                is_open &= ~closed
             obs = next_obs
+        # The rollout boundary cuts GAE like a time limit (bootstrap from V(next obs)) and closes every macro-step.
+        data["truncated"][-1] = True
+        data["closed"][-1] = True
         self._episode_returns = episode_returns
-        rollout = {key: np.asarray(value) for key, value in steps.items()}  # [T, E, ...]
-        rollout["macros"] = macros
-        rollout["finished_returns"] = finished
-        rollout["num_steps"] = num_steps * num_envs
-        return obs, rollout
+
+        log_std = nets.log_std[torch.from_numpy(data["option"])]
+        data["log_prob"] = _gaussian_log_prob(
+            torch.from_numpy(data["action"]), torch.from_numpy(data.pop("mean")), log_std
+        ).numpy()
+        next_obs_t = torch.from_numpy(data["next_obs"]).reshape(num_steps * num_envs, -1)
+        data["next_value"] = nets.sub(next_obs_t, data["option"].reshape(-1))[1].reshape(shape).numpy()
+        data["finished_returns"] = finished
+        data["num_steps"] = num_steps * num_envs
+        return obs, data
 
     def _update(self, rollout: dict[str, Any], joint: bool, generator: torch.Generator) -> dict[str, float]:
         config, policy = self.config, self.policy
@@ -255,99 +283,223 @@ class MLSHTrainer:
             stats["episode_return"] = float(np.mean(finished))
         stats["reward_per_step"] = float(rollout["reward"].mean())
 
-        # Master: PPO on macro-steps with macro-level GAE.
-        master_batch = self._master_batch(rollout["macros"])
-        if master_batch["obs"].shape[0] >= config.master_ppo.num_minibatches:
-            master_stats = ppo_update(
-                policy.master.evaluate,
-                policy.master.parameters(),
-                self.master_optimizer,
-                master_batch,
-                config.master_ppo,
-                generator,
-            )
-            stats.update({f"master/{k}": v for k, v in master_stats.items()})
+        master_batch = None
+        if policy.num_subpolicies > 1:
+            # Master: PPO on macro-steps with macro-level GAE.
+            master_batch = self._master_batch(rollout)
+            if master_batch["obs"].shape[0] >= config.master_ppo.num_minibatches:
+                master_stats = ppo_update(
+                    policy.master.evaluate,
+                    policy.master.parameters(),
+                    self.master_optimizer,
+                    master_batch,
+                    config.master_ppo,
+                    generator,
+                )
+                stats.update({f"master/{k}": v for k, v in master_stats.items()})
         if joint:
-            sub_batch = self._sub_batch(rollout)
             sub_stats = ppo_update(
-                lambda obs, actions: policy.sub_evaluate(obs[0], obs[1], actions),
+                self._sub_evaluate,
                 policy.subpolicies.parameters(),
                 self.sub_optimizer,
-                sub_batch,
+                self._sub_batch(rollout),
                 config.sub_ppo,
                 generator,
             )
             stats.update({f"sub/{k}": v for k, v in sub_stats.items()})
         # Normalizers move after the update so each PPO ratio starts at 1.
-        flat_obs = torch.as_tensor(rollout["obs"].reshape(-1, rollout["obs"].shape[-1]), dtype=torch.float32)
-        master_obs = master_batch["obs"]
-        policy.master.update_normalizer(master_obs)
+        if master_batch is not None:
+            policy.master.update_normalizer(master_batch["obs"])
         if joint:
-            policy.sub_normalizer.update(flat_obs)
+            policy.sub_normalizer.update(torch.as_tensor(rollout["obs"], dtype=torch.float32))
         counts = np.bincount(rollout["option"].reshape(-1), minlength=policy.num_subpolicies)
         stats["master/option_entropy"] = float(-(counts / counts.sum() * np.log(counts / counts.sum() + 1e-12)).sum())
         return stats
 
+    def _sub_evaluate(self, obs_and_options: tuple[Tensor, Tensor], actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """PPO `evaluate` of the sub-policies: the distribution of `MLSHPolicy.sub_evaluate`, but each
+        row runs through its own sub-policy only.
+
+        Args:
+            obs_and_options: raw observations [M, obs_dim] and sub-policy indices [M].
+            actions: [M, act_dim].
+
+        Returns:
+            log_prob [M], entropy [M] (both summed over action dims), value [M]; differentiable.
+        """
+        obs, options = obs_and_options
+        policy, act_dim = self.policy, self.policy.act_dim
+
+        def chosen(k: int, rows: Tensor) -> Tensor:
+            sub = policy.subpolicies[k]
+            return torch.cat([sub.actor(rows), sub.log_std.expand(len(rows), act_dim), sub.critic(rows)], dim=-1)
+
+        out = _by_option(options.numpy(), policy.num_subpolicies, policy.sub_normalizer(obs), chosen)
+        mean, log_std, value = out.split([act_dim, act_dim, 1], dim=-1)
+        # Entropy of a diagonal Gaussian: sum(0.5 + 0.5 log(2 pi) + log_std).
+        entropy = (0.5 + HALF_LOG_2PI + log_std).sum(-1)
+        return _gaussian_log_prob(actions, mean, log_std), entropy, value.squeeze(-1)
+
     @torch.no_grad()
-    def _master_batch(self, macros: list[list[dict]]) -> dict[str, torch.Tensor]:
-        master = self.policy.master
+    def _master_batch(self, rollout: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The macro-steps of each env copy in time order (copy 0 first), with macro-level GAE."""
+        # Macro-steps tile each copy's time axis: a step is decided right after a closed one.
+        streams = [
+            (np.flatnonzero(rollout["decided"][:, e]), np.flatnonzero(rollout["closed"][:, e]))
+            for e in range(self.num_envs)
+        ]
+        next_obs = np.concatenate([rollout["next_obs"][ends, e] for e, (_, ends) in enumerate(streams)])
+        next_values = self.policy.master.value(torch.as_tensor(next_obs, dtype=torch.float32)).numpy()
         obs, options, log_probs, advantages, returns = [], [], [], [], []
-        for stream in macros:
-            if not stream:
-                continue
-            next_values = master.value(torch.as_tensor(np.stack([m["next_obs"] for m in stream]), dtype=torch.float32))
-            values = np.array([m["value"] for m in stream])
+        offset = 0
+        for e, (starts, ends) in enumerate(streams):
+            terminated = rollout["terminated"][ends, e]
             adv, ret = compute_gae(
-                np.array([m["reward"] for m in stream]),
-                values,
-                next_values.numpy(),
-                np.array([m["terminated"] for m in stream]),
-                np.array([m["truncated"] for m in stream]),
+                np.add.reduceat(rollout["reward"][:, e], starts),  # reward summed over each macro-step
+                rollout["master_value"][starts, e],
+                next_values[offset : offset + len(starts)],
+                terminated,
+                rollout["truncated"][ends, e] & ~terminated,
                 self.config.master_gamma,
                 self.config.master_lam,
             )
-            obs += [m["obs"] for m in stream]
-            options += [m["option"] for m in stream]
-            log_probs += [m["log_prob"] for m in stream]
+            offset += len(starts)
+            obs.append(rollout["obs"][starts, e])
+            options.append(rollout["option"][starts, e])
+            log_probs.append(rollout["master_log_prob"][starts, e])
             advantages.append(adv)
             returns.append(ret)
         return {
-            "obs": torch.as_tensor(np.stack(obs), dtype=torch.float32),
-            "actions": torch.as_tensor(options, dtype=torch.long),
-            "log_probs": torch.as_tensor(log_probs, dtype=torch.float32),
+            "obs": torch.as_tensor(np.concatenate(obs), dtype=torch.float32),
+            "actions": torch.as_tensor(np.concatenate(options), dtype=torch.long),
+            "log_probs": torch.as_tensor(np.concatenate(log_probs), dtype=torch.float32),
             "advantages": torch.as_tensor(np.concatenate(advantages), dtype=torch.float32),
             "returns": torch.as_tensor(np.concatenate(returns), dtype=torch.float32),
         }
 
-    @torch.no_grad()
     def _sub_batch(self, rollout: dict[str, Any]) -> dict[str, Any]:
-        num_steps, num_envs = rollout["reward"].shape
-        obs = torch.as_tensor(rollout["obs"], dtype=torch.float32)
-        options = torch.as_tensor(rollout["option"], dtype=torch.long)
-        next_obs = torch.as_tensor(rollout["next_obs"], dtype=torch.float32)
-        flat = lambda x: x.reshape(num_steps * num_envs, *x.shape[2:])  # noqa: E731
-        next_values = self.policy.sub_act(flat(next_obs), flat(options), deterministic=True)[2].reshape(
-            num_steps, num_envs
+        """Every control step, flattened time-major, with GAE computed per copy over [T, E]."""
+        advantages, returns = compute_gae(
+            rollout["reward"],
+            rollout["value"],
+            rollout["next_value"],
+            rollout["terminated"],
+            rollout["truncated"],
+            self.config.gamma,
+            self.config.lam,
         )
-        advantages = np.zeros((num_steps, num_envs))
-        returns = np.zeros((num_steps, num_envs))
-        for e in range(num_envs):
-            advantages[:, e], returns[:, e] = compute_gae(
-                rollout["reward"][:, e],
-                rollout["value"][:, e],
-                next_values[:, e].numpy(),
-                rollout["terminated"][:, e],
-                rollout["truncated"][:, e],
-                self.config.gamma,
-                self.config.lam,
-            )
+
+        def flat(x: np.ndarray, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.as_tensor(x.reshape(-1, *x.shape[2:]), dtype=dtype)
+
         return {
-            "obs": (flat(obs), flat(options)),
-            "actions": torch.as_tensor(flat(rollout["action"]), dtype=torch.float32),
-            "log_probs": torch.as_tensor(flat(rollout["log_prob"]), dtype=torch.float32),
-            "advantages": torch.as_tensor(advantages.reshape(-1), dtype=torch.float32),
-            "returns": torch.as_tensor(returns.reshape(-1), dtype=torch.float32),
+            "obs": (flat(rollout["obs"]), flat(rollout["option"], torch.long)),
+            "actions": flat(rollout["action"]),
+            "log_probs": flat(rollout["log_prob"]),
+            "advantages": flat(advantages),
+            "returns": flat(returns),
         }
+
+
+def _gaussian_log_prob(actions: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
+    """log N(actions; mean, exp(log_std)) summed over the last (action) dimension: [..., A] -> [...]."""
+    # log p = -0.5 ((a - mu) / sigma)^2 - log sigma - 0.5 log(2 pi)
+    z = (actions - mean) / log_std.exp()
+    return (-0.5 * z.square() - log_std - HALF_LOG_2PI).sum(-1)
+
+
+def _by_option(options: np.ndarray, num_options: int, x: Tensor, fn: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """`fn(k, rows)` on the rows of `x` [N, ...] whose option is k, for every k; outputs in row order.
+
+    Runs each sub-policy on its own rows only (K times less work than running all K on all rows);
+    gradients reach only the sub-policies that were chosen. `options` [N] is a numpy int array.
+    """
+    if num_options == 1:
+        return fn(0, x)
+    counts = np.bincount(options, minlength=num_options)
+    if np.count_nonzero(counts) == 1:  # one option for every row: nothing to sort
+        return fn(int(options[0]), x)
+    order = np.argsort(options, kind="stable")
+    parts = [fn(k, rows) for k, rows in enumerate(x[torch.from_numpy(order)].split(counts.tolist())) if counts[k]]
+    return torch.cat(parts)[torch.from_numpy(np.argsort(order))]
+
+
+_INPLACE_ACTIVATIONS: dict[type[nn.Module], Callable[[Tensor], Tensor]] = {nn.Tanh: torch.tanh_, nn.ReLU: torch.relu_}
+"""Activations applied in place on the fresh matmul output (any other runs as its module)."""
+
+
+class _FusedMLP:
+    """Inference-only copy of an actor MLP and a critic MLP of the same shape as one network.
+
+    The first layers are stacked (both read the same input) and deeper ones are block-diagonal, so
+    one matmul per layer gives [..., actor outputs | critic outputs].
+    """
+
+    def __init__(self, actor: nn.Sequential, critic: nn.Sequential) -> None:
+        self.layers: list[tuple[Tensor, Tensor] | Callable[[Tensor], Tensor]] = []
+        for actor_layer, critic_layer in zip(actor, critic, strict=True):
+            if type(actor_layer) is not type(critic_layer):
+                raise ValueError(f"actor and critic differ: {actor_layer} vs {critic_layer}")
+            if not isinstance(actor_layer, nn.Linear):
+                # The activation, shared by both halves.
+                self.layers.append(_INPLACE_ACTIVATIONS.get(type(actor_layer), actor_layer))
+                continue
+            weights = (actor_layer.weight.detach(), critic_layer.weight.detach())
+            weight = torch.block_diag(*weights) if self.layers else torch.cat(weights)
+            bias = torch.cat([actor_layer.bias.detach(), critic_layer.bias.detach()])
+            self.layers.append((weight.t().contiguous(), bias))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        for layer in self.layers:
+            x = torch.addmm(layer[1], x, layer[0]) if isinstance(layer, tuple) else layer(x)
+        return x
+
+
+def _frozen_normalizer(normalizer: RunningNormalizer | None) -> Callable[[Tensor], Tensor]:
+    """`normalizer.forward` with sqrt(var + eps) computed once: the statistics only move in `_update`."""
+    if normalizer is None:
+        return lambda x: x
+    mean, std, clip = normalizer.mean.clone(), torch.sqrt(normalizer.var + normalizer.epsilon), normalizer.clip
+    return lambda x: (x - mean).div_(std).clamp_(-clip, clip)
+
+
+class _RolloutNetworks:
+    """Frozen, fused copies of an MLSH policy's networks for one rollout (build and call under inference mode)."""
+
+    def __init__(self, policy: MLSHPolicy) -> None:
+        self.num_options = policy.num_subpolicies
+        self.act_dim = policy.act_dim
+        self.sub_normalize = _frozen_normalizer(policy.sub_normalizer)
+        self.subpolicies = [_FusedMLP(sub.actor, sub.critic) for sub in policy.subpolicies]
+        self.log_std = torch.stack([sub.log_std.detach() for sub in policy.subpolicies])  # [K, act_dim]
+        self.master_normalize = _frozen_normalizer(policy.master.normalizer)
+        self.master = _FusedMLP(policy.master.actor, policy.master.critic)
+
+    def sub(self, obs: Tensor, options: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Action mean [N, act_dim] and value [N] of each row's sub-policy (options [N] int), for raw
+        observations [N, obs_dim]."""
+        out = _by_option(options, self.num_options, self.sub_normalize(obs), lambda k, x: self.subpolicies[k](x))
+        return out[:, : self.act_dim], out[:, self.act_dim]
+
+    def choose(self, obs: Tensor, uniforms: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Epsilon-greedy master choice per row, as `CategoricalMLPPolicy.act(obs, epsilon=epsilon)`.
+
+        Args:
+            obs: [N, obs_dim] raw observations.
+            uniforms: [N, 3] float64 in [0, 1): inverse-CDF draw, explore draw, uniform-option draw.
+            epsilon: Share of choices replaced by a uniformly random option.
+
+        Returns:
+            option [N] int64, log_prob [N] of the option under the master's own distribution, value [N].
+        """
+        out = self.master(self.master_normalize(obs))
+        log_probs = torch.log_softmax(out[:, : self.num_options], dim=-1).numpy()
+        cdf = np.cumsum(np.exp(log_probs.astype(np.float64)), axis=-1)
+        cdf /= cdf[:, -1:]  # exactly 1 at the end, so the inverse CDF stays in range
+        sampled = (cdf <= uniforms[:, :1]).sum(-1)
+        uniform = np.minimum((uniforms[:, 2] * self.num_options).astype(np.int64), self.num_options - 1)
+        option = np.where(uniforms[:, 1] < epsilon, uniform, sampled)
+        return option, log_probs[np.arange(len(option)), option], out[:, self.num_options].numpy()
 
 
 def _rng_to_tensor(rng: np.random.Generator) -> dict[str, Any]:

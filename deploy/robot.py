@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from controller.errors import ConfigError
-from controller.mapping import LocomotionReward, ObservationMapping, RobotState
+from controller.mapping import (
+    LocomotionReward,
+    ObservationMapping,
+    RobotState,
+    quat_conjugate,
+    quat_from_roll_pitch,
+    quat_multiply,
+    rotate_to_body,
+)
 from controller.robot import RobotSpec
 from deploy.errors import DeployError, LinkError, ProtocolError
 from deploy.link import Link, handshake
@@ -60,6 +68,8 @@ class Calibration:
 
     joint_offsets: np.ndarray | None = None
     gyro_bias: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    imu_tilt: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    """IMU mounting roll and pitch (rad), undone on every reading."""
 
 
 @dataclass
@@ -146,6 +156,7 @@ class RobotEnv:
         self.command = np.asarray(command, dtype=np.float64)
         self.max_steps = int(round(episode_seconds * spec.control_rate_hz))
         self.calibration = calibration or Calibration()
+        self._mount = quat_from_roll_pitch(*np.asarray(self.calibration.imu_tilt, dtype=np.float64))
         self.offsets = (
             np.zeros(spec.num_joints)
             if self.calibration.joint_offsets is None
@@ -228,12 +239,14 @@ class RobotEnv:
 
     def robot_state(self, message: State) -> RobotState:
         """Protocol State -> RobotState in the spec's frame (calibration applied)."""
+        # IMU frame -> body frame: q_body = q_imu * q_mount^-1, w_body = R_mount (w_imu - bias).
+        unmount = quat_conjugate(self._mount)
         return RobotState(
             joint_pos=message.joint_pos.astype(np.float64) - self.offsets,
             joint_vel=message.joint_vel.astype(np.float64),
-            quat=message.quat.astype(np.float64),
-            gyro=message.gyro.astype(np.float64) - self.calibration.gyro_bias,
-            accel=message.accel.astype(np.float64),
+            quat=quat_multiply(message.quat.astype(np.float64), unmount),
+            gyro=rotate_to_body(unmount, message.gyro.astype(np.float64) - self.calibration.gyro_bias),
+            accel=rotate_to_body(unmount, message.accel.astype(np.float64)),
             base_vel=message.base_vel.astype(np.float64),
             joint_torque=message.joint_torque.astype(np.float64),
             command=self.command.copy(),

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from controller.mapping import quat_from_roll_pitch, quat_multiply, rotate_to_body
 from controller.robot import RobotSpec
 from deploy.protocol import (
     Capabilities,
@@ -56,6 +57,8 @@ class SensorErrors:
 
     joint_offsets: np.ndarray | None = None
     gyro_bias: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    imu_tilt: np.ndarray = field(default_factory=lambda: np.zeros(2))
+    """IMU mounting roll and pitch (rad): the IMU frame is the body frame rotated by them."""
     encoder_noise: float = 0.0005
     """Standard deviation of each joint angle reading (rad)."""
     gyro_noise: float = 0.005
@@ -205,6 +208,8 @@ class Emulator:
         if self.episode_start:
             flags |= StateFlag.EPISODE_START
             self.episode_start = False
+        # A tilted IMU reports orientation q_body * q_mount and rates in its own frame.
+        mount = quat_from_roll_pitch(*self.errors.imu_tilt)
         return State(
             tick=self.tick % 2**32,
             time=time.monotonic(),
@@ -213,9 +218,11 @@ class Emulator:
             joint_pos=reading.joint_pos + self.offsets + self.rng.normal(0.0, self.errors.encoder_noise, n),
             joint_vel=reading.joint_vel,
             joint_torque=reading.joint_torque,
-            quat=reading.quat,
-            gyro=reading.gyro + self.errors.gyro_bias + self.rng.normal(0.0, self.errors.gyro_noise, 3),
-            accel=reading.accel,
+            quat=quat_multiply(reading.quat, mount),
+            gyro=rotate_to_body(mount, reading.gyro)
+            + self.errors.gyro_bias
+            + self.rng.normal(0.0, self.errors.gyro_noise, 3),
+            accel=rotate_to_body(mount, reading.accel),
             base_vel=reading.base_vel,
         )
 
@@ -329,6 +336,7 @@ def serve(
     lockstep: bool = False,
     joint_offsets: list[float] | None = None,
     gyro_bias: list[float] | None = None,
+    imu_tilt: list[float] | None = None,
     supports_reset: bool = True,
     duration: float | None = None,
     faults: FaultSpec | str | None = None,
@@ -354,6 +362,7 @@ def serve(
     errors = SensorErrors(
         joint_offsets=None if joint_offsets is None else np.asarray(joint_offsets, dtype=np.float64),
         gyro_bias=np.zeros(3) if gyro_bias is None else np.asarray(gyro_bias, dtype=np.float64),
+        imu_tilt=np.zeros(2) if imu_tilt is None else np.asarray(imu_tilt, dtype=np.float64),
     )
     if errors.joint_offsets is not None and errors.joint_offsets.shape != (spec.num_joints,):
         raise ValueError(f"--joint-offsets needs {spec.num_joints} values for robot '{spec.name}'")

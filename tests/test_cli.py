@@ -138,12 +138,18 @@ def test_host_death_leaves_robot_damping_within_100_ms(tiny_bundle: Path, emulat
 def test_calibrate_offsets_recovers_injected_errors(tmp_path: Path, emulator) -> None:
     offsets = np.array([0.03, -0.02, 0.01, 0.0, 0.05, -0.04, 0.02, 0.0, -0.01, 0.015, -0.025, 0.035])
     bias = np.array([0.05, -0.04, 0.03])
-    robot = emulator("--joint-offsets=" + ",".join(map(str, offsets)), "--gyro-bias=" + ",".join(map(str, bias)))
+    tilt = np.array([0.03, -0.02])
+    robot = emulator(
+        "--joint-offsets=" + ",".join(map(str, offsets)),
+        "--gyro-bias=" + ",".join(map(str, bias)),
+        "--imu-tilt=" + ",".join(map(str, tilt)),
+    )
     out = tmp_path / "calibration.yaml"
     metactl("calibrate", "offsets", "--port", robot.port, "-o", str(out))
     calibration = yaml.safe_load(out.read_text())
     assert np.max(np.abs(np.array(calibration["joint_offsets"]) - offsets)) < 0.005
     assert np.all(np.abs(np.array(calibration["gyro_bias"]) - bias) < 0.1 * np.abs(bias))
+    assert np.max(np.abs(np.array(calibration["imu_tilt"]) - tilt)) < 0.005
 
 
 def test_deploy_applies_calibration(tiny_bundle: Path, tmp_path: Path, emulator) -> None:
@@ -210,7 +216,9 @@ def test_eval_suite_point_runs_every_method(tmp_path: Path) -> None:
     from sim.fast_suite import BUDGETS
 
     assert "quick" in BUDGETS
-    result = metactl("eval", "--suite", "point", "-k", "0,1", "--out", str(tmp_path), "--json", check=False, timeout=600)
+    result = metactl(
+        "eval", "--suite", "point", "-k", "0,1", "--out", str(tmp_path), "--json", check=False, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert "oracle" in summary and "random" in summary and len(summary) >= 8

@@ -259,3 +259,25 @@ def test_reward_perfect_tracking_and_no_torque_term():
     assert LocomotionReward()(state, np.zeros(12), np.zeros(12)) == pytest.approx(1.5)  # 1.0 + 0.5
     custom = LocomotionReward(lin_vel=2.0, yaw_rate=0.0)
     assert custom(state, np.ones(12), np.ones(12)) == pytest.approx(2.0)
+
+
+def test_roll_pitch_round_trip_and_imu_tilt_correction() -> None:
+    from controller.mapping import quat_conjugate, quat_from_roll_pitch, quat_multiply, roll_pitch
+    from controller.robot import load_robot_spec
+    from deploy.protocol import Mode, State
+    from deploy.robot import Calibration, RobotEnv
+
+    for roll, pitch in ((0.03, -0.02), (-0.4, 0.3), (0.0, 0.0)):
+        assert np.allclose(roll_pitch(quat_from_roll_pitch(roll, pitch)), (roll, pitch))
+    mount = quat_from_roll_pitch(0.03, -0.02)
+    assert np.allclose(quat_multiply(mount, quat_conjugate(mount)), [0, 0, 0, 1])
+    body_rate = np.array([0.1, -0.2, 0.3])
+    spec = load_robot_spec("a1")
+    env = RobotEnv("loop://", spec, calibration=Calibration(imu_tilt=np.array([0.03, -0.02])))
+    message = State(
+        0, 0.0, Mode.DAMPING, 0, spec.default_pose, np.zeros(12), np.zeros(12),
+        mount, rotate_to_body(mount, body_rate), np.zeros(3),
+    )  # fmt: skip
+    state = env.robot_state(message)
+    assert np.allclose(state.quat, [0, 0, 0, 1], atol=1e-6)  # a level body reads level again
+    assert np.allclose(state.gyro, body_rate, atol=1e-6)
