@@ -5,7 +5,7 @@ The trainer knows no simulator: it is handed a Gymnasium vector env (with `set_t
 through `envs.call`) and a task sampler.
 
 Rollouts run on frozen copies of the networks with each actor and critic fused into one MLP
-(`_FusedMLP`), under `torch.inference_mode`, with the iteration's sampling noise drawn up front and
+(`FusedMLP`), under `torch.inference_mode`, with the iteration's sampling noise drawn up front and
 the per-step bookkeeping done on preallocated [T, E] arrays. PPO evaluates each row with its own
 sub-policy only. The sampled distributions are those of `MLSHPolicy.sub_act` and
 `CategoricalMLPPolicy.act`. With one sub-policy the master has nothing to choose, so it is neither
@@ -25,11 +25,11 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from controller.networks import RunningNormalizer
 from controller.policies import MLSHPolicy
 from controller.ppo import PPOConfig, compute_gae, ppo_update
+from controller.rollout import RolloutNetworks, by_option, gaussian_log_prob
 from controller.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ class MLSHTrainer:
         self.num_metric_rows = 0
         self._episode_returns = np.zeros(self.num_envs)
         self.wall_time_s = 0.0
+        # Returns of the latest completed episodes, oldest first (diagnostics; not checkpointed).
         self.recent_returns: deque[float] = deque(maxlen=NUM_RECENT_RETURNS)
-        """Returns of the latest completed episodes, oldest first (diagnostics; not checkpointed)."""
 
     def _new_master_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.policy.master.parameters(), lr=self.config.master_ppo.learning_rate)
@@ -196,7 +196,7 @@ class MLSHTrainer:
             finished_returns and num_steps.
         """
         policy, num_envs, num_options = self.policy, self.num_envs, self.policy.num_subpolicies
-        nets = _RolloutNetworks(policy)
+        nets = RolloutNetworks(policy)
         use_master = num_options > 1
         shape = (num_steps, num_envs)
         data = {
@@ -266,7 +266,7 @@ class MLSHTrainer:
         self._episode_returns = episode_returns
 
         log_std = nets.log_std[torch.from_numpy(data["option"])]
-        data["log_prob"] = _gaussian_log_prob(
+        data["log_prob"] = gaussian_log_prob(
             torch.from_numpy(data["action"]), torch.from_numpy(data.pop("mean")), log_std
         ).numpy()
         next_obs_t = torch.from_numpy(data["next_obs"]).reshape(num_steps * num_envs, -1)
@@ -334,11 +334,11 @@ class MLSHTrainer:
             sub = policy.subpolicies[k]
             return torch.cat([sub.actor(rows), sub.log_std.expand(len(rows), act_dim), sub.critic(rows)], dim=-1)
 
-        out = _by_option(options.numpy(), policy.num_subpolicies, policy.sub_normalizer(obs), chosen)
+        out = by_option(options.numpy(), policy.num_subpolicies, policy.sub_normalizer(obs), chosen)
         mean, log_std, value = out.split([act_dim, act_dim, 1], dim=-1)
         # Entropy of a diagonal Gaussian: sum(0.5 + 0.5 log(2 pi) + log_std).
         entropy = (0.5 + HALF_LOG_2PI + log_std).sum(-1)
-        return _gaussian_log_prob(actions, mean, log_std), entropy, value.squeeze(-1)
+        return gaussian_log_prob(actions, mean, log_std), entropy, value.squeeze(-1)
 
     @torch.no_grad()
     def _master_batch(self, rollout: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -399,107 +399,6 @@ class MLSHTrainer:
             "advantages": flat(advantages),
             "returns": flat(returns),
         }
-
-
-def _gaussian_log_prob(actions: Tensor, mean: Tensor, log_std: Tensor) -> Tensor:
-    """log N(actions; mean, exp(log_std)) summed over the last (action) dimension: [..., A] -> [...]."""
-    # log p = -0.5 ((a - mu) / sigma)^2 - log sigma - 0.5 log(2 pi)
-    z = (actions - mean) / log_std.exp()
-    return (-0.5 * z.square() - log_std - HALF_LOG_2PI).sum(-1)
-
-
-def _by_option(options: np.ndarray, num_options: int, x: Tensor, fn: Callable[[int, Tensor], Tensor]) -> Tensor:
-    """`fn(k, rows)` on the rows of `x` [N, ...] whose option is k, for every k; outputs in row order.
-
-    Runs each sub-policy on its own rows only (K times less work than running all K on all rows);
-    gradients reach only the sub-policies that were chosen. `options` [N] is a numpy int array.
-    """
-    if num_options == 1:
-        return fn(0, x)
-    counts = np.bincount(options, minlength=num_options)
-    if np.count_nonzero(counts) == 1:  # one option for every row: nothing to sort
-        return fn(int(options[0]), x)
-    order = np.argsort(options, kind="stable")
-    parts = [fn(k, rows) for k, rows in enumerate(x[torch.from_numpy(order)].split(counts.tolist())) if counts[k]]
-    return torch.cat(parts)[torch.from_numpy(np.argsort(order))]
-
-
-_INPLACE_ACTIVATIONS: dict[type[nn.Module], Callable[[Tensor], Tensor]] = {nn.Tanh: torch.tanh_, nn.ReLU: torch.relu_}
-"""Activations applied in place on the fresh matmul output (any other runs as its module)."""
-
-
-class _FusedMLP:
-    """Inference-only copy of an actor MLP and a critic MLP of the same shape as one network.
-
-    The first layers are stacked (both read the same input) and deeper ones are block-diagonal, so
-    one matmul per layer gives [..., actor outputs | critic outputs].
-    """
-
-    def __init__(self, actor: nn.Sequential, critic: nn.Sequential) -> None:
-        self.layers: list[tuple[Tensor, Tensor] | Callable[[Tensor], Tensor]] = []
-        for actor_layer, critic_layer in zip(actor, critic, strict=True):
-            if type(actor_layer) is not type(critic_layer):
-                raise ValueError(f"actor and critic differ: {actor_layer} vs {critic_layer}")
-            if not isinstance(actor_layer, nn.Linear):
-                # The activation, shared by both halves.
-                self.layers.append(_INPLACE_ACTIVATIONS.get(type(actor_layer), actor_layer))
-                continue
-            weights = (actor_layer.weight.detach(), critic_layer.weight.detach())
-            weight = torch.block_diag(*weights) if self.layers else torch.cat(weights)
-            bias = torch.cat([actor_layer.bias.detach(), critic_layer.bias.detach()])
-            self.layers.append((weight.t().contiguous(), bias))
-
-    def __call__(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = torch.addmm(layer[1], x, layer[0]) if isinstance(layer, tuple) else layer(x)
-        return x
-
-
-def _frozen_normalizer(normalizer: RunningNormalizer | None) -> Callable[[Tensor], Tensor]:
-    """`normalizer.forward` with sqrt(var + eps) computed once: the statistics only move in `_update`."""
-    if normalizer is None:
-        return lambda x: x
-    mean, std, clip = normalizer.mean.clone(), torch.sqrt(normalizer.var + normalizer.epsilon), normalizer.clip
-    return lambda x: (x - mean).div_(std).clamp_(-clip, clip)
-
-
-class _RolloutNetworks:
-    """Frozen, fused copies of an MLSH policy's networks for one rollout (build and call under inference mode)."""
-
-    def __init__(self, policy: MLSHPolicy) -> None:
-        self.num_options = policy.num_subpolicies
-        self.act_dim = policy.act_dim
-        self.sub_normalize = _frozen_normalizer(policy.sub_normalizer)
-        self.subpolicies = [_FusedMLP(sub.actor, sub.critic) for sub in policy.subpolicies]
-        self.log_std = torch.stack([sub.log_std.detach() for sub in policy.subpolicies])  # [K, act_dim]
-        self.master_normalize = _frozen_normalizer(policy.master.normalizer)
-        self.master = _FusedMLP(policy.master.actor, policy.master.critic)
-
-    def sub(self, obs: Tensor, options: np.ndarray) -> tuple[Tensor, Tensor]:
-        """Action mean [N, act_dim] and value [N] of each row's sub-policy (options [N] int), for raw
-        observations [N, obs_dim]."""
-        out = _by_option(options, self.num_options, self.sub_normalize(obs), lambda k, x: self.subpolicies[k](x))
-        return out[:, : self.act_dim], out[:, self.act_dim]
-
-    def choose(self, obs: Tensor, uniforms: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Epsilon-greedy master choice per row, as `CategoricalMLPPolicy.act(obs, epsilon=epsilon)`.
-
-        Args:
-            obs: [N, obs_dim] raw observations.
-            uniforms: [N, 3] float64 in [0, 1): inverse-CDF draw, explore draw, uniform-option draw.
-            epsilon: Share of choices replaced by a uniformly random option.
-
-        Returns:
-            option [N] int64, log_prob [N] of the option under the master's own distribution, value [N].
-        """
-        out = self.master(self.master_normalize(obs))
-        log_probs = torch.log_softmax(out[:, : self.num_options], dim=-1).numpy()
-        cdf = np.cumsum(np.exp(log_probs.astype(np.float64)), axis=-1)
-        cdf /= cdf[:, -1:]  # exactly 1 at the end, so the inverse CDF stays in range
-        sampled = (cdf <= uniforms[:, :1]).sum(-1)
-        uniform = np.minimum((uniforms[:, 2] * self.num_options).astype(np.int64), self.num_options - 1)
-        option = np.where(uniforms[:, 1] < epsilon, uniform, sampled)
-        return option, log_probs[np.arange(len(option)), option], out[:, self.num_options].numpy()
 
 
 def _rng_to_tensor(rng: np.random.Generator) -> dict[str, Any]:

@@ -221,5 +221,5 @@ def test_eval_suite_point_runs_every_method(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert "oracle" in summary and "random" in summary and len(summary) >= 8
+    assert "oracle (true task in obs)" in summary and "random actions" in summary and len(summary) >= 8
     assert (tmp_path / "eval.md").exists() and (tmp_path / "eval.png").exists()

@@ -1,0 +1,463 @@
+"""This project's PPO against Stable-Baselines3's PPO: training throughput and final return on the A1.
+
+    python benchmarks/ppo_vs_sb3.py [--quick] [--json]
+
+"Ours" is domain-randomized PPO as this project runs it: the MLSH trainer with one sub-policy and no
+warm-up (a one-option master is a no-op), built through `sim.training` from overrides. SB3 is `PPO`
+with `MlpPolicy` behind `VecNormalize` (observations only, as our policy's own normalizer) and
+`Monitor`. Both train on `LocomotionEnv("a1")` with one fixed task (the nominal robot, command 0.5
+m/s) and the same settings, taken from our config: total env steps, rollout length (summed over env
+copies), minibatch size, epochs, learning rate, gamma, GAE lambda, clip range, value coefficient,
+gradient clipping, target KL, Adam epsilon, 64-64 tanh actor and critic (separate), orthogonal init and
+initial log std. Known differences: SB3 standardizes advantages per minibatch (ours per batch) and
+updates its observation statistics every step (ours after each update).
+
+Each side runs in its fastest configuration here, picked by a short pilot in the same run (ours:
+sampler backend x env copies x torch threads; SB3: DummyVecEnv / SubprocVecEnv x env copies x torch
+threads). The env limit is `LocomotionEnv.step` with random actions in 2 independent processes at once
+(no sampler, no policy), also measured in this run, before and after the training runs.
+
+Reported: training env steps/s (wall time of the whole training loop, updates included, env
+construction excluded), speedup = ours / SB3, fraction_of_env_limit = ours / env limit, and for each
+side the mean return of its last completed training episodes and of a few deterministic evaluation
+episodes on the same task (same reset seeds). Timings on a shared machine: the 1-minute load average
+is recorded at the start and the end, and the main process's CPU time per env step is reported beside
+the wall-clock rates (in the single-process configurations it covers all the work, env included, and
+moves far less with background load than wall time does). Prints a Markdown table, then the JSON object as the last line
+(`--json`: the JSON line alone).
+
+Needs the `bench` extra (installs nothing at run time): pip install -c constraints.txt -e ".[bench]"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from controller.mlsh import MLSHTrainer
+from controller.rundir import RunDir
+from sim import training
+from sim.env import LocomotionEnv
+from sim.samplers import make_vector_env
+from sim.tasks import Task, TaskDistribution
+
+ROBOT = "a1"
+ROLLOUT_STEPS = 2048
+"""Env steps per PPO iteration, summed over the env copies (SB3: n_steps * n_envs)."""
+EPISODE_SECONDS = 5.0
+TASK = {"command_vx": 0.5}
+"""The fixed task: the nominal robot asked to walk at 0.5 m/s."""
+SEED = 0
+NUM_RECENT_EPISODES = 10
+"""Training episodes averaged for the final training return."""
+EVAL_SEED = 10_000
+TARGETS = {"speedup": 2.0, "fraction_of_env_limit": 0.6}
+OUR_CANDIDATES = [("process", 2, 1), ("process", 2, 2), ("process", 4, 1), ("inline", 1, 1)]
+"""(sampler backend, env copies, torch threads)."""
+SB3_CANDIDATES = [("subproc", 2, 1), ("subproc", 2, 2), ("subproc", 4, 1), ("dummy", 1, 1), ("dummy", 1, 2)]
+"""(vec env, env copies, torch threads)."""
+
+
+def our_config(total_steps: int, backend: str, num_envs: int) -> training.TrainConfig:
+    """Domain-randomized PPO as a training config: MLSH with one sub-policy and one fixed task."""
+    overrides = [
+        f"seed={SEED}",
+        f"env.episode_seconds={EPISODE_SECONDS}",
+        "tasks=" + json.dumps(TASK),
+        "policy.num_subpolicies=1",
+        "mlsh.num_task_groups=1",
+        "mlsh.warmup_iterations=0",
+        f"mlsh.joint_iterations={total_steps // ROLLOUT_STEPS}",
+        f"mlsh.steps_per_iteration={ROLLOUT_STEPS}",
+        f"sampler.backend={backend}",
+        f"sampler.num_envs={num_envs}",
+    ]
+    return training.load_train_config(None, overrides)
+
+
+def train_ours(total_steps: int, backend: str, num_envs: int, threads: int) -> dict[str, Any]:
+    """Train; steps/s over the training loop (from `train()` to the end of its task group)."""
+    config = our_config(total_steps, backend, num_envs)
+    distribution = TaskDistribution.from_dict(config.tasks)
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(threads)
+    envs = training.make_vector_env(config)
+    with tempfile.TemporaryDirectory() as path:
+        run_dir = RunDir(path)
+        try:
+            policy = training.build_policy(
+                config, envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+            )
+            trainer = MLSHTrainer(
+                policy, envs, lambda rng: distribution.sample_tasks(1, rng)[0], config.mlsh, run_dir, config.seed
+            )
+            ended: list[tuple[float, float]] = []
+            start, cpu_start = time.perf_counter(), time.process_time()
+            trainer.train(
+                progress=False, on_group_end=lambda _: ended.append((time.perf_counter(), time.process_time()))
+            )
+        finally:
+            envs.close()
+            run_dir.close()
+    seconds, cpu_seconds = ended[0][0] - start, ended[0][1] - cpu_start
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        option = torch.zeros(1, dtype=torch.long)
+        return policy.sub_act(torch.as_tensor(obs, dtype=torch.float32)[None], option, deterministic=True)[0][0].numpy()
+
+    return {
+        "steps": trainer.total_steps,
+        "seconds": seconds,
+        "steps_per_s": trainer.total_steps / seconds,
+        "main_cpu_us_per_step": 1e6 * cpu_seconds / trainer.total_steps,
+        "recent_returns": list(trainer.recent_returns)[-NUM_RECENT_EPISODES:],
+        "act": act,
+    }
+
+
+def _sb3_env(episode_seconds: float, task: dict[str, float]) -> Any:
+    from stable_baselines3.common.monitor import Monitor
+
+    return Monitor(LocomotionEnv(ROBOT, Task.from_dict(task), episode_seconds=episode_seconds))
+
+
+def train_sb3(total_steps: int, vec: str, num_envs: int, threads: int) -> dict[str, Any]:
+    """The same PPO in SB3; steps/s over `model.learn` (env construction excluded)."""
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
+
+    config = our_config(total_steps, "inline", num_envs)
+    ppo, mlsh, hidden = config.mlsh.sub_ppo, config.mlsh, list(config.policy.sub_hidden)
+    torch.manual_seed(SEED)
+    torch.set_num_threads(threads)
+    env_fns = [functools.partial(_sb3_env, config.env.episode_seconds, TASK)] * num_envs
+    venv = DummyVecEnv(env_fns) if vec == "dummy" else SubprocVecEnv(env_fns)
+    # Observation normalization as our policy's normalizer: epsilon 1e-8, clip 10; rewards left raw.
+    venv = VecNormalize(venv, norm_obs=True, norm_reward=False, clip_obs=10.0, gamma=mlsh.gamma, epsilon=1e-8)
+    try:
+        model = PPO(
+            "MlpPolicy",
+            venv,
+            learning_rate=ppo.learning_rate,
+            n_steps=ROLLOUT_STEPS // num_envs,
+            batch_size=ROLLOUT_STEPS // ppo.num_minibatches,
+            n_epochs=ppo.epochs,
+            gamma=mlsh.gamma,
+            gae_lambda=mlsh.lam,
+            clip_range=ppo.clip_ratio,
+            ent_coef=ppo.entropy_coef,
+            vf_coef=ppo.value_coef,
+            max_grad_norm=ppo.max_grad_norm,
+            target_kl=ppo.target_kl,
+            normalize_advantage=ppo.normalize_advantages,
+            policy_kwargs={
+                "net_arch": {"pi": hidden, "vf": hidden},
+                "activation_fn": torch.nn.Tanh,
+                "log_std_init": config.policy.init_log_std,
+                "ortho_init": True,
+                "optimizer_kwargs": {"eps": 1e-8},  # torch's Adam default, as ours
+            },
+            seed=SEED,
+            device="cpu",
+            verbose=0,
+        )
+        start, cpu_start = time.perf_counter(), time.process_time()
+        model.learn(total_timesteps=total_steps)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        venv.close()
+    venv.training = False
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        return model.predict(venv.normalize_obs(obs.astype(np.float32)), deterministic=True)[0]
+
+    return {
+        "steps": model.num_timesteps,
+        "seconds": seconds,
+        "steps_per_s": model.num_timesteps / seconds,
+        "main_cpu_us_per_step": 1e6 * cpu_seconds / model.num_timesteps,
+        "recent_returns": [info["r"] for info in model.ep_info_buffer][-NUM_RECENT_EPISODES:],
+        "act": act,
+    }
+
+
+def evaluate(act: Callable[[np.ndarray], np.ndarray], num_episodes: int) -> list[float]:
+    """Deterministic-policy returns on the training task, one episode per reset seed."""
+    env = LocomotionEnv(ROBOT, Task.from_dict(TASK), episode_seconds=EPISODE_SECONDS)
+    returns = []
+    try:
+        for episode in range(num_episodes):
+            obs, _ = env.reset(seed=EVAL_SEED + episode)
+            total, done = 0.0, False
+            while not done:
+                obs, reward, terminated, truncated, _ = env.step(act(obs))
+                total += reward
+                done = terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
+    return returns
+
+
+def _env_limit_worker(num_steps: int, seed: int, barrier: Any, results: Any) -> None:
+    env = LocomotionEnv(ROBOT, Task.from_dict(TASK), episode_seconds=EPISODE_SECONDS)
+    actions = np.random.default_rng(seed).uniform(-1.0, 1.0, (num_steps, *env.action_space.shape)).astype(np.float32)
+    env.reset(seed=seed)
+    for action in actions[:50]:  # warm-up
+        env.step(action)
+    barrier.wait()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for action in actions:
+        _, _, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            env.reset()
+    results.put((num_steps / (time.perf_counter() - start), 1e6 * (time.process_time() - cpu_start) / num_steps))
+    env.close()
+
+
+def env_limit(num_steps: int, num_processes: int = 2) -> tuple[float, float]:
+    """Env steps/s of `num_processes` processes stepping their own env with random actions at once, and
+    the CPU microseconds one env step takes (mean over the processes)."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(num_processes), context.Queue()
+    workers = [
+        context.Process(target=_env_limit_worker, args=(num_steps, seed, barrier, results))
+        for seed in range(num_processes)
+    ]
+    for worker in workers:
+        worker.start()
+    rates, cpu_us = zip(*[results.get(timeout=600) for _ in workers])
+    for worker in workers:
+        worker.join()
+    return float(sum(rates)), float(np.mean(cpu_us))
+
+
+def sampler_limit(num_steps: int, num_envs: int = 2) -> float:
+    """Env steps/s of the process sampler with random actions (the env limit plus its IPC)."""
+    env_fn = functools.partial(LocomotionEnv, ROBOT, Task.from_dict(TASK), episode_seconds=EPISODE_SECONDS)
+    envs = make_vector_env(env_fn, num_envs, "process")
+    try:
+        envs.reset(seed=0)
+        actions = np.random.default_rng(0).uniform(-1.0, 1.0, (num_steps, *envs.action_space.shape))
+        actions = actions.astype(np.float32)
+        for action in actions[:20]:
+            envs.step(action)
+        start = time.perf_counter()
+        for action in actions:
+            envs.step(action)
+        return num_envs * num_steps / (time.perf_counter() - start)
+    finally:
+        envs.close()
+
+
+def pilot(total_steps: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Steps/s and main-process CPU per step of every candidate configuration on a short run, ours
+    and SB3's interleaved.
+
+    Two rounds, keeping each candidate's best: the second round re-measures only the candidates
+    within half of their side's best, so a configuration that collapses under load is run once.
+    """
+    sides = {"ours": (OUR_CANDIDATES, train_ours), "sb3": (SB3_CANDIDATES, train_sb3)}
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in sides}
+    for round_index in range(2):
+        for index in range(max(len(OUR_CANDIDATES), len(SB3_CANDIDATES))):
+            for side, (candidates, run) in sides.items():
+                if index >= len(candidates):
+                    continue
+                name, rates = "{}-{} threads-{}".format(*candidates[index]), results[side]
+                best = max((rate["steps_per_s"] for rate in rates.values()), default=0.0)
+                if round_index and rates[name]["steps_per_s"] < 0.5 * best:
+                    continue
+                measured = run(total_steps, *candidates[index])
+                previous = rates.get(name, {"steps_per_s": 0.0, "main_cpu_us_per_step": float("inf")})
+                rates[name] = {
+                    "steps_per_s": max(previous["steps_per_s"], measured["steps_per_s"]),
+                    "main_cpu_us_per_step": min(previous["main_cpu_us_per_step"], measured["main_cpu_us_per_step"]),
+                }
+    return results
+
+
+@contextlib.contextmanager
+def _native_stdout_to_devnull() -> Iterator[None]:
+    """PyBullet prints to the C-level stdout on connect, here and in every worker: keep that off our output."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _parse(name: str) -> tuple[str, int, int]:
+    kind, threads = name.split(" threads-")
+    backend, num_envs = kind.rsplit("-", 1)
+    return backend, int(num_envs), int(threads)
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def markdown(results: dict[str, Any]) -> str:
+    def number(value: float | None, digits: int = 1) -> str:
+        return "n/a" if value is None else f"{value:,.{digits}f}"
+
+    ours, sb3 = results["ours"], results["sb3"]
+    rows = [
+        ("configuration (fastest in the pilot)", ours["config"], sb3["config"]),
+        ("training env steps/s", number(ours["steps_per_s"], 0), number(sb3["steps_per_s"], 0)),
+        ("training wall time (s)", number(ours["seconds"]), number(sb3["seconds"])),
+        (
+            "main-process CPU µs per env step",
+            number(ours["main_cpu_us_per_step"], 0),
+            number(sb3["main_cpu_us_per_step"], 0),
+        ),
+        (
+            f"return, last {NUM_RECENT_EPISODES} training episodes",
+            number(results["our_final_return"]),
+            number(results["sb3_final_return"]),
+        ),
+        (
+            f"return, deterministic, {results['eval_episodes']} episodes",
+            f"{number(results['our_eval_return'])} ± {number(ours['eval_std'])}",
+            f"{number(results['sb3_eval_return'])} ± {number(sb3['eval_std'])}",
+        ),
+    ]
+    lines = [
+        f"{results['total_steps']:,} env steps each, rollout {ROLLOUT_STEPS}, "
+        f"minibatch {results['minibatch']}, {results['epochs']} epochs; "
+        f"load average {results['load_avg_start']:.1f} -> {results['load_avg_end']:.1f} "
+        f"on {results['cpu_count']} cores",
+        "",
+        "| | ours (MLSH trainer, K=1) | Stable-Baselines3 PPO |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
+    lines += [
+        "",
+        "| ratio | value | target |",
+        "|---|---:|---:|",
+        f"| speedup (ours / SB3) | {results['speedup']:.2f} | >= {TARGETS['speedup']} |",
+        f"| fraction_of_env_limit (ours / {number(results['env_limit_steps_per_s'], 0)} steps/s) | "
+        f"{results['fraction_of_env_limit']:.2f} | >= {TARGETS['fraction_of_env_limit']} |",
+        f"| ours / process sampler with random actions ({number(results['sampler_limit_steps_per_s'], 0)} "
+        f"steps/s) | {results['fraction_of_sampler_limit']:.2f} | |",
+        f"| CPU per env step, SB3 dummy-1 / ours inline-1 (pilot) | {results['single_process_cpu_ratio']:.2f} | |",
+        "",
+        f"One env step alone (random actions) takes {number(results['env_cpu_us_per_step'], 0)} CPU µs; in the "
+        "inline and dummy configurations the main process does all the work.",
+        "",
+        f"| pilot, {results['pilot']['steps']} steps | configuration | steps/s | main-process CPU µs per env step |",
+        "|---|---|---:|---:|",
+    ]
+    for side, label in (("ours", "ours"), ("sb3", "SB3")):
+        for name, rate in results["pilot"][side].items():
+            lines.append(
+                f"| {label} | {name} | {number(rate['steps_per_s'], 0)} | {number(rate['main_cpu_us_per_step'], 0)} |"
+            )
+    return "\n".join(lines)
+
+
+def measure(total_steps: int, limit_steps: int, eval_episodes: int) -> dict[str, Any]:
+    """Env limit, pilot, both training runs and their evaluations, in that order; the raw results."""
+    env_limit_before, env_cpu_before = env_limit(limit_steps)
+    sampler = sampler_limit(limit_steps // 2)
+    pilots = pilot(ROLLOUT_STEPS)
+    our_choice, sb3_choice = (max(pilots[side], key=lambda name: pilots[side][name]["steps_per_s"]) for side in pilots)
+    runs = {"ours": train_ours(total_steps, *_parse(our_choice)), "sb3": train_sb3(total_steps, *_parse(sb3_choice))}
+    env_limit_after, env_cpu_after = env_limit(limit_steps)
+    load_end = os.getloadavg()[0]
+    sides = {}
+    for (name, run), choice in zip(runs.items(), (our_choice, sb3_choice)):
+        returns = evaluate(run.pop("act"), eval_episodes)
+        sides[name] = {"config": choice, **run, "eval_returns": returns, "eval_std": float(np.std(returns))}
+    ours, sb3 = sides["ours"], sides["sb3"]
+    limit = (env_limit_before + env_limit_after) / 2
+    return {
+        "load_avg_end": load_end,
+        "speedup": ours["steps_per_s"] / sb3["steps_per_s"],
+        "fraction_of_env_limit": ours["steps_per_s"] / limit,
+        "our_final_return": _mean(ours["recent_returns"]),
+        "sb3_final_return": _mean(sb3["recent_returns"]),
+        "our_eval_return": _mean(ours["eval_returns"]),
+        "sb3_eval_return": _mean(sb3["eval_returns"]),
+        "our_steps_per_s": ours["steps_per_s"],
+        "sb3_steps_per_s": sb3["steps_per_s"],
+        "env_limit_steps_per_s": limit,
+        "env_limit_before_after": [env_limit_before, env_limit_after],
+        "env_cpu_us_per_step": (env_cpu_before + env_cpu_after) / 2,
+        "sampler_limit_steps_per_s": sampler,
+        "fraction_of_sampler_limit": ours["steps_per_s"] / sampler,
+        # Load-robust companion of the speedup: CPU per env step of the single-process configurations, where
+        # the main process does everything (env included); SB3's over ours.
+        "single_process_cpu_ratio": pilots["sb3"]["dummy-1 threads-1"]["main_cpu_us_per_step"]
+        / pilots["ours"]["inline-1 threads-1"]["main_cpu_us_per_step"],
+        "pilot": {"steps": ROLLOUT_STEPS, **pilots},
+        "ours": ours,
+        "sb3": sb3,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="about 20k env steps each instead of 200k")
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = parser.parse_args(argv)
+    try:
+        import stable_baselines3
+    except ImportError:
+        sys.exit('stable-baselines3 is missing: pip install -c constraints.txt -e ".[bench]"')
+    # Imported once here, so the first timed run does not pay for the run directory's writers.
+    import matplotlib.pyplot  # noqa: F401
+    import torch.utils.tensorboard  # noqa: F401
+
+    iterations, limit_steps, eval_episodes = (10, 3000, 3) if args.quick else (98, 10000, 5)
+    config = our_config(iterations * ROLLOUT_STEPS, "inline", 1)
+    results: dict[str, Any] = {
+        "quick": args.quick,
+        "total_steps": iterations * ROLLOUT_STEPS,
+        "minibatch": ROLLOUT_STEPS // config.mlsh.sub_ppo.num_minibatches,
+        "epochs": config.mlsh.sub_ppo.epochs,
+        "eval_episodes": eval_episodes,
+        "cpu_count": os.cpu_count(),
+        "load_avg_start": os.getloadavg()[0],
+        "versions": {"torch": torch.__version__, "stable_baselines3": stable_baselines3.__version__},
+        "targets": TARGETS,
+    }
+    with _native_stdout_to_devnull():
+        results |= measure(results["total_steps"], limit_steps, eval_episodes)
+    results = _rounded(results)
+    if not args.json:
+        print(markdown(results))
+    print(json.dumps(results))
+    return results
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
+
+
+if __name__ == "__main__":
+    main()
