@@ -5,7 +5,9 @@ numpy + onnxruntime only (no torch): this is what runs on the robot's computer.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -17,19 +19,47 @@ from deploy.bundle import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, Bundle, load_b
 from deploy.errors import BundleError
 
 
-def make_session(path: Path, optimized_path: Path | None = None) -> ort.InferenceSession:
-    """A session tuned for batch-1 latency: one thread, sequential execution, full graph optimization."""
+def _options(optimization: ort.GraphOptimizationLevel) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = optimization
+    return options
+
+
+def make_session(path: Path, optimized_path: Path | None = None) -> ort.InferenceSession:
+    """A session tuned for batch-1 latency: one thread, sequential execution, full graph optimization.
+
+    With `optimized_path`, the optimized graph is saved there on first load and loaded from there
+    afterwards (without optimizing again), so the robot starts faster; the caller names the cache
+    after the graph's content so a changed graph never meets an old cache.
+    """
+    providers = ["CPUExecutionProvider"]
+    if optimized_path is not None and optimized_path.exists():
+        try:
+            options = _options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+            return ort.InferenceSession(str(optimized_path), sess_options=options, providers=providers)
+        except Exception:  # a cache from another onnxruntime: rebuild it below
+            optimized_path.unlink(missing_ok=True)
+    options = _options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for bad files
         raise BundleError(f"onnxruntime cannot load {path}: {error}") from error
+
+
+def _cache_path(policy_path: Path) -> Path | None:
+    """Where the optimized graph is kept: beside the policy (if writable), named by its content.
+
+    By content, not time: a rollback restores an older file whose mtime says nothing about the cache.
+    """
+    if not os.access(policy_path.parent, os.W_OK):
+        return None
+    digest = hashlib.sha256(policy_path.read_bytes()).hexdigest()[:16]
+    return policy_path.with_name(f".policy.{digest}.optimized.onnx")
 
 
 class PolicyRuntime:
@@ -51,7 +81,7 @@ class PolicyRuntime:
         stored = {entry.key: entry.value for entry in model.metadata_props}.get(METADATA_KEY)
         if stored is None or json.loads(stored) != json.loads(manifest_json(bundle.manifest)):
             raise BundleError(f"{bundle.policy_path}: the ONNX metadata does not match {bundle.path / 'manifest.yaml'}")
-        session = make_session(bundle.policy_path)
+        session = make_session(bundle.policy_path, _cache_path(bundle.policy_path))
         inputs = [node.name for node in session.get_inputs()]
         outputs = [node.name for node in session.get_outputs()]
         if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):

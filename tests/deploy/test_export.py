@@ -99,3 +99,16 @@ def test_corrupt_adaptation_state_is_refused_and_bundle_unchanged(tiny_bundle: P
     with pytest.raises(BundleError):
         rollback(bundle)
     assert before == {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+
+
+def test_optimized_graph_is_saved_and_reused(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    obs = np.random.default_rng(2).normal(size=(4, 47)).astype(np.float32)
+    first = PolicyRuntime(bundle).infer(obs)
+    (cache,) = bundle.glob(".policy.*.optimized.onnx")
+    stamp = cache.stat().st_mtime_ns
+    second = PolicyRuntime(bundle).infer(obs)  # loaded from the cache, not re-optimized
+    assert cache.stat().st_mtime_ns == stamp
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
