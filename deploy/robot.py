@@ -187,6 +187,8 @@ class RobotEnv:
         self.capabilities: Capabilities | None = None
         self.health = RobotHealth()
         self._kp = np.full(spec.num_joints, spec.kp)
+        # Furthest a target may sit from the measured angle before kp alone exceeds the torque limit.
+        self._torque_reach = spec.array("torque_limit") / max(spec.kp, 1e-9)
         self._kd = np.full(spec.num_joints, spec.kd)
         self._default = spec.array("default_pose")
         # Joint limits in the robot's encoder frame, where targets travel.
@@ -316,7 +318,9 @@ class RobotEnv:
 
         1. a non-finite entry holds the previous target (NaN or inf never reaches a motor);
         2. |target - previous| <= max_target_step per joint (rate limit);
-        3. lower + offset <= target <= upper + offset (joint limits, encoder frame).
+        3. |target - measured| <= torque_limit / kp (the PD's position term cannot ask for more than
+           the motor's torque limit; the robot clamps torque too);
+        4. lower + offset <= target <= upper + offset (joint limits, encoder frame).
         The previous target is the last one sent, or the measured pose after a reset or reconnect.
         """
         targets = np.array(targets, dtype=np.float64).reshape(self.spec.num_joints)
@@ -328,6 +332,11 @@ class RobotEnv:
         limited = np.clip(targets, previous - self.max_target_step, previous + self.max_target_step)
         if np.any(limited != targets):
             self.health.rate_limited += 1
+        if self._last is not None:
+            measured = self._last.joint_pos.astype(np.float64)
+            reach = self._torque_reach
+            ok = np.isfinite(measured)
+            limited[ok] = np.clip(limited[ok], measured[ok] - reach[ok], measured[ok] + reach[ok])
         return np.clip(limited, self._lower, self._upper)
 
     def _hold_measured(self, message: State) -> None:

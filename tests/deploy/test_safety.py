@@ -296,3 +296,20 @@ def test_watchdog_trip_is_counted_and_recovered(spec, emulator) -> None:
         assert env.health.faults.get("WATCHDOG", 0) == env.health.watchdog_trips
     finally:
         env.close()
+
+
+def test_targets_stay_within_torque_reach_of_the_measured_pose(spec) -> None:
+    """kp * |target - measured| never asks for more than the torque limit."""
+    from deploy.protocol import State
+
+    env = RobotEnv("loop://", spec, max_target_step=10.0)
+    measured = np.array(spec.default_pose)
+    env._last = State(
+        0, 0.0, Mode.POSITION, 0, measured, np.zeros(12), np.zeros(12), [0, 0, 0, 1], np.zeros(3), np.zeros(3)
+    )
+    env._targets = measured.copy()
+    far = measured + 2.0
+    safe = env.safe_targets(far)
+    reach = np.array(spec.torque_limit) / spec.kp
+    assert np.all(safe - measured <= reach + 1e-6)  # the State carries float32 angles
+    assert np.all(safe <= np.array(spec.joint_upper))
