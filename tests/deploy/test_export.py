@@ -112,3 +112,28 @@ def test_optimized_graph_is_saved_and_reused(tiny_bundle: Path, tmp_path: Path) 
     assert cache.stat().st_mtime_ns == stamp
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+def test_promote_then_rollback_restores_the_exact_bytes(tiny_bundle: Path, tmp_path: Path) -> None:
+    import copy
+
+    from deploy.bundle import VERSIONED_FILES, list_versions, load_bundle, next_version, promote
+    from deploy.export import write_version_to
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    before = {name: (bundle / name).read_bytes() for name in VERSIONED_FILES}
+    policy = load_policy_file(bundle / "policy.pt")
+    with torch.no_grad():
+        for parameter in policy.master.parameters():
+            parameter.add_(0.1)  # a different master, as adaptation would make
+    manifest = copy.deepcopy(load_bundle(bundle).manifest)
+    candidate = next_version(bundle)
+    manifest["version"] = candidate
+    manifest["history"] = [*manifest["history"], {"version": candidate, "reason": "test"}]
+    write_version_to(bundle / "versions" / candidate, policy, manifest)
+    promote(bundle, candidate)
+    assert load_bundle(bundle).version == "v1" and (bundle / "master.pt").read_bytes() != before["master.pt"]
+    assert rollback(bundle) == "v0"
+    assert {name: (bundle / name).read_bytes() for name in VERSIONED_FILES} == before
+    assert list_versions(bundle) == ["v0", "v1"]  # every version is kept
