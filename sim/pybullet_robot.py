@@ -20,7 +20,7 @@ import pybullet
 import pybullet_data
 from pybullet_utils import bullet_client
 
-from controller.mapping import RobotState
+from controller.mapping import RobotState, quat_multiply
 from controller.robot import RobotSpec
 from sim.tasks import Task
 from sim.terrain import Ground, TerrainParams
@@ -51,20 +51,6 @@ def _child_generator(rng: np.random.Generator) -> np.random.Generator:
         return rng.spawn(1)[0]
     except TypeError:  # a generator built without a SeedSequence
         return np.random.default_rng(rng.integers(2**63))
-
-
-def _quat_multiply(a, b) -> np.ndarray:
-    """Hamilton product a * b of (x, y, z, w) quaternions."""
-    ax, ay, az, aw = a
-    bx, by, bz, bw = b
-    return np.array(
-        [
-            aw * bx + ax * bw + ay * bz - az * by,
-            aw * by - ax * bz + ay * bw + az * bx,
-            aw * bz + ax * by - ay * bx + az * bw,
-            aw * bw - ax * bx - ay * by - az * bz,
-        ]
-    )
 
 
 class SimRobot:
@@ -417,7 +403,7 @@ class SimRobot:
             angle = math.hypot(roll, pitch)
             half = 0.5 * angle
             scale = math.sin(half) / angle if angle > 0 else 0.5
-            quat = _quat_multiply(quat, (roll * scale, pitch * scale, 0.0, math.cos(half)))
+            quat = quat_multiply(quat, (roll * scale, pitch * scale, 0.0, math.cos(half)))
         return q, dq, gyro, quat
 
     def close(self) -> None:
