@@ -137,3 +137,44 @@ def test_promote_then_rollback_restores_the_exact_bytes(tiny_bundle: Path, tmp_p
     assert rollback(bundle) == "v0"
     assert {name: (bundle / name).read_bytes() for name in VERSIONED_FILES} == before
     assert list_versions(bundle) == ["v0", "v1"]  # every version is kept
+
+
+def test_new_policy_loads_off_the_control_thread_and_swaps_between_ticks(tiny_bundle: Path, tmp_path: Path) -> None:
+    import threading
+
+    from deploy.bundle import MASTER, promote
+    from deploy.export import write_version_to
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    runtime = PolicyRuntime(bundle)
+    policy = load_policy_file(bundle / "policy.pt")
+    with torch.no_grad():
+        for parameter in policy.master.parameters():
+            parameter.add_(0.5)
+    manifest = dict(runtime.bundle.manifest, version="v1")
+    manifest["history"] = [*manifest["history"], {"version": "v1", "reason": "test"}]
+    write_version_to(bundle / "versions" / "v1", policy, manifest)
+    promote(bundle, "v1")
+    obs = np.zeros(runtime.obs_dim, dtype=np.float32)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def control_loop() -> None:  # ticks keep coming while the new version loads
+        try:
+            while not stop.is_set():
+                runtime.act(obs)
+        except BaseException as error:  # noqa: BLE001 - surfaced below
+            errors.append(error)
+
+    thread = threading.Thread(target=control_loop)
+    thread.start()
+    runtime.reload(bundle)
+    stop.set()
+    thread.join()
+    assert not errors
+    assert runtime.bundle.version == "v1"
+    assert (bundle / MASTER).exists()
+    with torch.no_grad():
+        expected = policy(torch.as_tensor(obs)[None])[0].numpy()
+    np.testing.assert_allclose(runtime.infer(obs)[0], expected, atol=1e-5)
