@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from collections.abc import Iterator
 
 import gymnasium as gym
@@ -132,8 +133,12 @@ def test_close_kills_the_ray_actors(ray_runtime: None) -> None:
     actors = list(envs.actors)
     envs.close()
     assert envs.closed and envs.actors == []
+    # ray.kill is asynchronous: a call may still be served while the kill is in flight, so poll.
+    deadline = time.monotonic() + 10.0
     with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(actors[0].describe.remote(), timeout=10)
+        while time.monotonic() < deadline:
+            ray.get(actors[0].describe.remote(), timeout=10)
+            time.sleep(0.05)
 
 
 def test_unknown_backend_names_the_valid_ones() -> None:
