@@ -7,7 +7,6 @@ and prints a before/after table. The shipped bundle is used unless `--quick` tra
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -24,32 +23,39 @@ QUICK_CONFIG = ROOT / "configs" / "a1_quick.yaml"
 
 
 class Emulated:
-    """`metactl emulate` in a child process; the context yields its port path."""
+    """`metactl emulate ARGS` in a child process; `.port` is its port path once started.
+
+    Also a context manager: `with Emulated("--lockstep") as port: ...` stops it on exit.
+    """
 
     def __init__(self, *args: str) -> None:
-        self.args = args
-        self.process: subprocess.Popen | None = None
-
-    def __enter__(self) -> str:
-        command = [sys.executable, "-m", "calibration.cli", "emulate", *self.args]
+        command = [sys.executable, "-m", "calibration.cli", "emulate", *args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
         # PyBullet's C code may print its own lines first; the port is on the line starting "PORT ".
         for _ in range(20):
             line = self.process.stdout.readline()
             if line.startswith("PORT "):
-                return line.split(maxsplit=1)[1].strip()
+                self.port = line.split(maxsplit=1)[1].strip()
+                return
             if not line:
                 break
-        self.__exit__()
-        raise MetactlError("the emulator exited before printing its PORT line")
+        self.stop()
+        raise MetactlError(f"the emulator ({' '.join(args)}) exited before printing its PORT line")
 
-    def __exit__(self, *exc_info) -> None:
-        if self.process is not None and self.process.poll() is None:
+    def stop(self) -> None:
+        if self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> str:
+        return self.port
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
 
 def run_demo(
@@ -114,7 +120,3 @@ def run_demo(
         return summary
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def main_json(summary: dict) -> str:
-    return json.dumps(summary)

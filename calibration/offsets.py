@@ -51,7 +51,7 @@ def calibrate_offsets(
         capabilities = env.connect()
         if capabilities.robot != spec.name or list(capabilities.joint_names) != list(spec.joint_names):
             raise ConfigError(f"the robot on {url} is '{capabilities.robot}', not '{spec.name}' with its joint order")
-        env._request_reset()  # noqa: SLF001 - back to the calibration pose (or the operator puts it there)
+        env.restart()  # back to the calibration pose (or the operator puts it there)
         joints, gyros, quats = record_static(env, seconds, progress)
     finally:
         env.close()

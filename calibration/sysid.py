@@ -16,7 +16,7 @@ import numpy as np
 
 from calibration.files import CalibrationFile
 from controller.robot import RobotSpec
-from deploy.protocol import Command, Reset, StateFlag
+from deploy.protocol import Command
 from deploy.robot import RobotEnv
 from sim.pybullet_robot import SimRobot
 from sim.tasks import Task
@@ -69,11 +69,7 @@ def excitation(spec: RobotSpec, seconds: float) -> np.ndarray:
 
 def record(env: RobotEnv, targets: np.ndarray) -> Recording:
     """Reset the robot, play `targets`, and keep the State that answers each Command."""
-    env.link.send(Reset(Reset.REQUEST))
-    # States sent before the reset may still be queued: start from the one flagged EPISODE_START.
-    state = env.wait_state(timeout=2.0)
-    while not state.flags & StateFlag.EPISODE_START:
-        state = env.wait_state(timeout=2.0)
+    state = env.restart()
     kp = np.full(env.spec.num_joints, env.spec.kp)
     kd = np.full(env.spec.num_joints, env.spec.kd)
     rows = {key: [] for key in ("joint_pos", "joint_vel", "joint_torque", "base_vel")}

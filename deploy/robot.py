@@ -508,12 +508,20 @@ class RobotEnv:
                 return newest
         raise _NoState(f"no State from the robot on {self.url} within {self.state_timeout:.2f} s after the reset")
 
+    def restart(self) -> State:
+        """Ask the robot (or the operator) for a new episode; returns its first State.
+
+        States sent before the reset may still be queued: the one flagged EPISODE_START wins.
+        """
+        self._request_reset()
+        self._last = None
+        self._last = self._first_state()
+        return self._last
+
     def reset(self) -> tuple[np.ndarray, dict]:
         for attempt in range(2):
             try:
-                self._request_reset()
-                self._last = None
-                self._last = self._first_state()
+                self.restart()
                 break
             except LinkError as error:
                 if attempt or not self._lost(error):

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import torch
 
 from controller.config import apply_overrides, build, load_yaml, to_dict
@@ -183,7 +182,3 @@ def train(
         run_dir.close()
     logger.info("trained %s for %s on %d envs", spec.name, run_dir.path, config.sampler.num_envs)
     return run_dir
-
-
-def random_generator(seed: int) -> np.random.Generator:
-    return np.random.default_rng(seed)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from calibration.demo import Emulated
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_OVERRIDES = [
     "mlsh.num_task_groups=1",
@@ -31,44 +33,13 @@ def metactl(*args: str, timeout: float = 120, check: bool = True) -> subprocess.
     return result
 
 
-class EmulatorProcess:
-    """`metactl emulate ...` in a child process; `.port` is its pty path."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "calibration.cli", "emulate", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        for _ in range(20):
-            line = self.process.stdout.readline()
-            if line.startswith("PORT "):
-                self.port = line.split()[1]
-                return
-            if not line:
-                break
-        self.stop()
-        raise RuntimeError(f"emulator did not start: {self.process.stderr.read()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 @pytest.fixture
-def emulator() -> Iterator[type[EmulatorProcess]]:
-    """Factory: `emulator("--lockstep")`; every emulator started is stopped after the test."""
-    started: list[EmulatorProcess] = []
+def emulator() -> Iterator[type[Emulated]]:
+    """Factory: `emulator("--lockstep")` -> the launcher `metactl demo` uses; all are stopped after the test."""
+    started: list[Emulated] = []
 
-    def start(*args: str) -> EmulatorProcess:
-        started.append(EmulatorProcess(*args))
+    def start(*args: str) -> Emulated:
+        started.append(Emulated(*args))
         return started[-1]
 
     yield start
