@@ -51,6 +51,7 @@ class RawRobot:
         pybullet.setAdditionalSearchPath(pybullet_data.getDataPath(), physicsClientId=cid)
         pybullet.setGravity(0, 0, -9.81, physicsClientId=cid)
         pybullet.setTimeStep(spec.sim_timestep, physicsClientId=cid)
+        pybullet.setPhysicsEngineParameter(deterministicOverlappingPairs=1, physicsClientId=cid)
         ground = pybullet.loadURDF("plane.urdf", physicsClientId=cid)
         self.body = pybullet.loadURDF(spec.urdf, [0, 0, spec.base_height], useFixedBase=False, physicsClientId=cid)
         num_joints = pybullet.getNumJoints(self.body, physicsClientId=cid)
