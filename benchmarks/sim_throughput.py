@@ -6,7 +6,8 @@ Measures, in one run, control steps per second (one control step = `decimation` 
 
     raw        the physics work of `SimRobot.step` alone (getJointStates, PD torque,
                setJointMotorControlArray(TORQUE_CONTROL), stepSimulation per substep) on plain
-               pybullet calls, replaying the env's own joint targets and resets
+               pybullet calls written as cheaply as `SimRobot.step` writes them, replaying the
+               env's own joint targets and resets
     env        `LocomotionEnv.step` with random actions, same robot, same resets
     inline-1   sampler, backend inline, 1 copy (the sampler's cost without IPC)
     process-N  sampler, backend process, N = 1 and 2 worker processes (env steps/s, all copies)
@@ -14,8 +15,9 @@ Measures, in one run, control steps per second (one control step = `decimation` 
 
 Ratios: env_vs_raw = env / raw (target >= 0.9), process_scaling = process-2 / process-1 (target
 >= 1.7 on 2 idle cores), ray_vs_process = ray-2 / process-2. Each number is the best of a few
-rounds, so a busy machine biases it less. Prints a Markdown table, then the JSON object as the last
-line (`--json`: the JSON line alone).
+rounds, so a busy machine biases it less; env_vs_raw_cpu compares the process CPU time per step of
+the same rounds, which other processes on the cores disturb less than wall time. Prints a Markdown
+table, then the JSON object as the last line (`--json`: the JSON line alone).
 """
 
 from __future__ import annotations
@@ -70,21 +72,32 @@ class RawRobot:
         self.limit = spec.array("torque_limit")
         self.decimation = spec.decimation
 
-    def run(self, targets: np.ndarray, resets: np.ndarray) -> float:
-        """Replay `targets` (steps, num_joints), restoring the initial state before each flagged step; seconds."""
-        body, joints, cid, limit = self.body, self.joint_ids, self.cid, self.limit
-        kp, kd, torque_mode = self.kp, self.kd, pybullet.TORQUE_CONTROL
+    def run(self, targets: np.ndarray, resets: np.ndarray) -> tuple[float, float]:
+        """Replay `targets` (steps, num_joints), restoring the initial state before each flagged step.
+
+        Each substep does what `SimRobot.step` does at nominal dynamics, written the cheapest way we know (the
+        same state unpacking and clip as there), so the ratio measures the env's overhead, not a slower loop.
+        Returns wall seconds and this process's CPU seconds.
+        """
+        body, joints, cid, low, high = self.body, self.joint_ids, self.cid, -self.limit, self.limit
+        kp, kd, torque_mode, decimation = self.kp, self.kd, pybullet.TORQUE_CONTROL, self.decimation
+        get_joint_states, set_motors, step_simulation = (
+            pybullet.getJointStates,
+            pybullet.setJointMotorControlArray,
+            pybullet.stepSimulation,
+        )
         pybullet.restoreState(self.initial_state, physicsClientId=cid)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for target, reset in zip(targets, resets):
             if reset:
                 pybullet.restoreState(self.initial_state, physicsClientId=cid)
-            for _ in range(self.decimation):
-                q, dq = np.array([state[:2] for state in pybullet.getJointStates(body, joints, physicsClientId=cid)]).T
-                torque = np.clip(kp * (target - q) - kd * dq, -limit, limit)
-                pybullet.setJointMotorControlArray(body, joints, torque_mode, forces=torque, physicsClientId=cid)
-                pybullet.stepSimulation(physicsClientId=cid)
-        return time.perf_counter() - start
+            for _ in range(decimation):
+                states = get_joint_states(body, joints, cid)
+                q, dq = np.array([s[0] for s in states]), np.array([s[1] for s in states])
+                torque = np.minimum(np.maximum(kp * (target - q) - kd * dq, low), high)
+                set_motors(body, joints, torque_mode, forces=torque.tolist(), physicsClientId=cid)
+                step_simulation(cid)
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
     def joint_positions(self) -> np.ndarray:
         return np.array([s[0] for s in pybullet.getJointStates(self.body, self.joint_ids, physicsClientId=self.cid)])
@@ -93,18 +106,21 @@ class RawRobot:
         pybullet.disconnect(physicsClientId=self.cid)
 
 
-def run_env(env: LocomotionEnv, actions: np.ndarray) -> tuple[float, np.ndarray]:
-    """Step with `actions` (steps, act_dim), resetting when done; seconds and the steps preceded by a reset."""
+def run_env(env: LocomotionEnv, actions: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Step with `actions` (steps, act_dim), resetting when done.
+
+    Returns wall seconds, this process's CPU seconds, and the steps preceded by a reset.
+    """
     env.reset(seed=0)
     resets = np.zeros(len(actions), bool)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for index, action in enumerate(actions):
         _, _, terminated, truncated, _ = env.step(action)
         if terminated or truncated:
             env.reset()
             if index + 1 < len(actions):
                 resets[index + 1] = True
-    return time.perf_counter() - start, resets
+    return time.perf_counter() - start, time.process_time() - start_cpu, resets
 
 
 def replay_targets(spec: RobotSpec, actions: np.ndarray, resets: np.ndarray) -> np.ndarray:
@@ -123,7 +139,7 @@ def check_same_physics(spec: RobotSpec, actions: np.ndarray) -> bool:
     (same contact history) must end in bit-identical joint positions."""
     env, raw = LocomotionEnv(spec, joint_noise=0.0), RawRobot(spec)
     try:
-        _, resets = run_env(env, actions)
+        *_, resets = run_env(env, actions)
         raw.run(replay_targets(spec, actions, resets), resets)
         return bool(np.array_equal(raw.joint_positions(), env.sim.joint_states()[0]))
     finally:
@@ -138,12 +154,16 @@ def bench_env_vs_raw(num_steps: int, rounds: int, profile: bool) -> dict[str, An
     # joint_noise=0 so the raw loop replays the env's joint targets and resets.
     env = LocomotionEnv(spec, joint_noise=0.0)
     raw = RawRobot(spec)
-    _, resets = run_env(env, actions)
+    *_, resets = run_env(env, actions)
     targets = replay_targets(spec, actions, resets)
-    env_seconds, raw_seconds = [], []
+    env_seconds, raw_seconds, env_cpu, raw_cpu = [], [], [], []
     for _ in range(rounds):  # interleaved, so a burst of background load hits both alike
-        env_seconds.append(run_env(env, actions)[0])
-        raw_seconds.append(raw.run(targets, resets))
+        wall, cpu, _ = run_env(env, actions)
+        env_seconds.append(wall)
+        env_cpu.append(cpu)
+        wall, cpu = raw.run(targets, resets)
+        raw_seconds.append(wall)
+        raw_cpu.append(cpu)
     if profile:
         profiler = cProfile.Profile()
         profiler.runcall(run_env, env, actions)
@@ -153,6 +173,9 @@ def bench_env_vs_raw(num_steps: int, rounds: int, profile: bool) -> dict[str, An
     return {
         "raw_steps_per_s": num_steps / min(raw_seconds),
         "env_steps_per_s": num_steps / min(env_seconds),
+        # CPU time per step (best round): less sensitive than wall time to other processes taking the cores.
+        "raw_cpu_us_per_step": 1e6 * min(raw_cpu) / num_steps,
+        "env_cpu_us_per_step": 1e6 * min(env_cpu) / num_steps,
         "same_physics": same_physics,
         "episode_resets": int(resets.sum()),
     }
@@ -205,6 +228,12 @@ def markdown(results: dict[str, Any]) -> str:
     rows = [
         ("raw PyBullet (SimRobot.step physics)", rate(results["raw_steps_per_s"]), ""),
         ("LocomotionEnv.step", rate(results["env_steps_per_s"]), ratio(results["env_vs_raw"], TARGETS["env_vs_raw"])),
+        ("raw PyBullet, per CPU second", rate(1e6 / results["raw_cpu_us_per_step"]), ""),
+        (
+            "LocomotionEnv.step, per CPU second",
+            rate(1e6 / results["env_cpu_us_per_step"]),
+            ratio(results["env_vs_raw_cpu"]),
+        ),
         ("sampler inline, 1 copy", rate(results["inline_1_steps_per_s"]), ""),
         ("sampler process, 1 worker", rate(results["process_1_steps_per_s"]), ""),
         (
@@ -243,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "process_startup_s": process_2["startup_s"],
     }
     results["env_vs_raw"] = results["env_steps_per_s"] / results["raw_steps_per_s"]
+    results["env_vs_raw_cpu"] = results["raw_cpu_us_per_step"] / results["env_cpu_us_per_step"]
     results["process_scaling"] = process_2["steps_per_s"] / process_1["steps_per_s"]
     if ray_2 is None:
         results["ray_vs_process"] = results["ray_overhead_us_per_step"] = None
