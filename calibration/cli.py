@@ -103,6 +103,13 @@ def _adapt(args: argparse.Namespace) -> int:
         calibration=_calibration(args.calibration),
         reset_wait=args.reset_wait,
     )
+    if result.algorithm == "rl2":
+        print(f"return before: {result.return_before:.1f}  (fresh memory: {_fmt(result.before_returns)})")
+        print(f"adaptation episodes: {_fmt(result.adaptation_returns)}  (one trial, hidden state carried)")
+        memory = f"after {args.k} episodes of memory: {_fmt(result.after_returns)}"
+        print(f"return after:  {result.return_after:.1f}  ({memory})")
+        print(f"RL^2 adapts in its hidden state: nothing written; bundle is at {result.version}; plot: {result.plot}")
+        return 0
     print(f"return before: {result.return_before:.1f}  (evaluation episodes: {_fmt(result.before_returns)})")
     print(f"adaptation episodes: {_fmt(result.adaptation_returns)}  (update {result.update_seconds:.2f} s)")
     print(f"return after:  {result.return_after:.1f}  (evaluation episodes: {_fmt(result.after_returns)})")
@@ -275,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--episodes", type=int, default=1)
     deploy.set_defaults(handler=_deploy)
 
-    adapt = commands.add_parser("adapt", help="adapt the MLSH master on the robot from K episodes")
+    adapt = commands.add_parser(
+        "adapt", help="adapt on the robot from K episodes (MLSH master, MAML-family inner step, RL^2 memory)"
+    )
     _robot_arguments(adapt, required_port=False)
     adapt.add_argument("-k", type=int, default=3, help="adaptation episodes")
     adapt.add_argument("--eval-episodes", type=int, default=1, help="evaluation episodes before and after")

@@ -166,6 +166,23 @@ def policy_log_probs(clone: AdaptedModule, episodes: Episodes) -> Tensor:
     return clone.call("distribution", episodes.obs).log_prob(episodes.actions).sum(-1) * episodes.mask
 
 
+def inner_advantages(episodes: Episodes, config: MAMLConfig) -> Episodes:
+    """Fill `episodes.advantages` as the inner loop uses them: reward-to-go minus the linear baseline
+    (standardized if `config.normalize_inner_advantages`); returns the same object."""
+    returns = discounted_returns(episodes.rewards, episodes.mask, config.gamma)
+    advantages = returns - fit_linear_baseline(episodes.obs, returns, episodes.mask, config.baseline_reg)
+    episodes.advantages = advantages * episodes.mask
+    if config.normalize_inner_advantages:
+        episodes.advantages = _standardize(advantages, episodes.mask)
+    return episodes
+
+
+def inner_loss(clone: AdaptedModule, episodes: Episodes, config: MAMLConfig) -> Tensor:
+    """Negative loaded-DiCE surrogate of `episodes` (advantages filled, sampled by an earlier state of `clone`)."""
+    log_probs = policy_log_probs(clone, episodes)
+    return -dice_objective(log_probs, episodes.advantages, episodes.mask, episodes.log_probs, config.dice_lambda)
+
+
 @dataclass
 class MAMLConfig:
     """One meta-iteration: per task, K inner steps each on fresh episodes, then PPO-clip outer steps."""
@@ -270,19 +287,11 @@ class MAMLTrainer:
 
     def _finish(self, episodes: Episodes) -> Episodes:
         """Advantages: reward-to-go minus the linear baseline (standardized if so configured)."""
-        returns = discounted_returns(episodes.rewards, episodes.mask, self.config.gamma)
-        advantages = returns - fit_linear_baseline(episodes.obs, returns, episodes.mask, self.config.baseline_reg)
-        episodes.advantages = advantages * episodes.mask
-        if self.config.normalize_inner_advantages:
-            episodes.advantages = _standardize(advantages, episodes.mask)
-        return episodes
+        return inner_advantages(episodes, self.config)
 
     def inner_loss(self, clone: AdaptedModule, episodes: Episodes) -> Tensor:
         """Negative loaded-DiCE surrogate of `episodes` (sampled by an earlier state of `clone`)."""
-        log_probs = policy_log_probs(clone, episodes)
-        return -dice_objective(
-            log_probs, episodes.advantages, episodes.mask, episodes.log_probs, self.config.dice_lambda
-        )
+        return inner_loss(clone, episodes, self.config)
 
     def sample(
         self, tasks: Sequence[Any], num_inner_steps: int, deterministic_eval: bool = False
@@ -382,6 +391,23 @@ class MAMLTrainer:
             history.append(self.step())
             logger.debug("meta-iteration %s", history[-1])
         return history
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: meta-parameters, outer optimizer, iteration and both random sources."""
+        return {
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": self.iteration,
+            "rng": self.rng.bit_generator.state,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"])
 
     def close(self) -> None:
         """Close every env the trainer built."""

@@ -2,6 +2,8 @@
 
 Acting uses the ONNX runtime (what runs on the robot); only the update uses torch. The update is
 PPO on the master's macro-steps with a tight clip and KL stop, suited to a few hundred decisions.
+`adapt` dispatches on the bundle's algorithm: MAML, Meta-SGD and the learned optimizer take their
+inner step(s) in deploy/adapt_gradient.py; RL^2 adapts in its hidden state (deploy/adapt_gradient.py too).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from controller.adaptation import AdaptConfig, update_master
 from controller.rundir import load_torch
-from deploy.bundle import FULL_POLICY, MASTER, load_bundle, next_version, promote
+from deploy.bundle import FULL_POLICY, MASTER, Bundle, load_bundle, next_version, promote
 from deploy.control import run_episodes
 from deploy.errors import BundleError
 from deploy.export import load_policy_file, write_version_to
@@ -39,6 +41,8 @@ class AdaptResult:
     after_returns: list[float]
     update_seconds: float
     plot: str | None = None
+    algorithm: str = "mlsh"
+    """The bundle's algorithm; for rl2 nothing is written (`candidate` is empty, `kept` False)."""
 
 
 def plot_returns(path: Path, before: list[float], adaptation: list[float], after: list[float]) -> Path:
@@ -68,6 +72,38 @@ def plot_returns(path: Path, before: list[float], adaptation: list[float], after
     return path
 
 
+def connect_for_adaptation(env: RobotEnv, bundle: Bundle, url: str) -> None:
+    """Connect, check the robot is the bundle's, and that it reports what scoring episodes needs.
+
+    Raises:
+        BundleError: another robot, or one without base velocity.
+    """
+    capabilities = env.connect()
+    bundle.check_robot(capabilities.robot, capabilities.joint_names, capabilities.control_rate_hz)
+    if not capabilities.flags & Capability.BASE_VELOCITY:
+        # The tracking reward needs the base velocity; without it every return would be NaN.
+        raise BundleError(
+            f"the robot on {url} does not report base velocity (Capability.BASE_VELOCITY); "
+            "adaptation needs it to score episodes"
+        )
+
+
+def candidate_manifest(bundle: Bundle, candidate: str, num_episodes: int, stats: dict[str, float]) -> dict:
+    """The bundle's manifest for a new version `candidate`, with its history entry."""
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["version"] = candidate
+    manifest["history"] = [
+        *manifest.get("history", []),
+        {
+            "version": candidate,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "reason": f"adapt from {bundle.version} with {num_episodes} episodes",
+            "update": {k: float(v) for k, v in stats.items()},
+        },
+    ]
+    return manifest
+
+
 def adapt(
     bundle_dir: str | Path,
     url: str,
@@ -82,12 +118,27 @@ def adapt(
     seed: int = 0,
     progress: bool = True,
 ) -> AdaptResult:
-    """Evaluate, collect K episodes with a sampling master, update it, evaluate, keep if not worse."""
+    """Evaluate, collect K episodes with a sampling master, update it, evaluate, keep if not worse.
+
+    For a MAML / Meta-SGD / learned-optimizer bundle the update is the inner step; for RL^2 the
+    episodes run as one trial and nothing is written (see deploy/adapt_gradient.py).
+    """
     import time
 
-    config = config or AdaptConfig()
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
+    if bundle.algorithm != "mlsh":
+        from deploy.adapt_gradient import adapt_gradient, adapt_rl2
+
+        robot = {"seconds": seconds, "command_vx": command_vx, "calibration": calibration, "reset_wait": reset_wait}
+        if bundle.algorithm == "rl2":
+            return adapt_rl2(
+                bundle, url, num_episodes=num_episodes, eval_episodes=eval_episodes, progress=progress, **robot
+            )
+        return adapt_gradient(
+            bundle, url, num_episodes=num_episodes, eval_episodes=eval_episodes, seed=seed, progress=progress, **robot
+        )
+    config = config or AdaptConfig()
     runtime = PolicyRuntime(bundle, rng=np.random.default_rng(seed))
     policy = load_policy_file(bundle_dir / FULL_POLICY)
     try:
@@ -104,14 +155,7 @@ def adapt(
     )
     label = (lambda text: text) if progress else (lambda text: None)
     try:
-        capabilities = env.connect()
-        bundle.check_robot(capabilities.robot, capabilities.joint_names, capabilities.control_rate_hz)
-        if not capabilities.flags & Capability.BASE_VELOCITY:
-            # The tracking reward needs the base velocity; without it every return would be NaN.
-            raise BundleError(
-                f"the robot on {url} does not report base velocity (Capability.BASE_VELOCITY); "
-                "adaptation needs it to score episodes"
-            )
+        connect_for_adaptation(env, bundle, url)
         before = run_episodes(env, runtime, eval_episodes, progress=label("evaluate before"))
         collected = run_episodes(env, runtime, num_episodes, deterministic=False, progress=label("adapt episodes"))
         usable = [episode for episode in collected if episode.complete]
@@ -123,17 +167,7 @@ def adapt(
         stats = update_master(policy, usable, config, seed)
         update_seconds = time.perf_counter() - start
         candidate = next_version(bundle_dir)
-        manifest = copy.deepcopy(bundle.manifest)
-        manifest["version"] = candidate
-        manifest["history"] = [
-            *manifest.get("history", []),
-            {
-                "version": candidate,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "reason": f"adapt from {bundle.version} with {len(usable)} episodes",
-                "update": {k: float(v) for k, v in stats.items()},
-            },
-        ]
+        manifest = candidate_manifest(bundle, candidate, len(usable), stats)
         candidate_dir = write_version_to(bundle_dir / "versions" / candidate, policy, manifest)
         after = run_episodes(env, PolicyRuntime(candidate_dir), eval_episodes, progress=label("evaluate after"))
     finally:

@@ -9,10 +9,22 @@ Layout of a bundle directory (the root always holds the current version):
     master.pt         the adaptable part (MLSH master weights + its normalizer), weights only
     policy.pt         the full policy (weights only), to re-export after adaptation
     versions/vN/      byte-exact copies of manifest.yaml, policy.onnx and master.pt of each version
+
+The manifest's `algorithm` says which graph policy.onnx holds and what is adaptable:
+
+    mlsh                          as above
+    maml, meta_sgd,               policy.onnx: obs [B, obs_dim] -> action [B, act_dim] (the mean),
+    learned_optimizer             log_std [B, act_dim]; adaptation.pt: the meta-parameters (initial
+                                  weights, learned step sizes or optimizer), this version's fast
+                                  weights and update-rule state; its sha256 is in the manifest
+    rl2                           policy.onnx: obs [B, obs_dim + act_dim + 2], hidden [B, H] ->
+                                  action [B, act_dim], hidden_out [B, H]; nothing adaptable on disk
+                                  (the adaptation is the hidden state)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -30,10 +42,24 @@ MANIFEST = "manifest.yaml"
 POLICY = "policy.onnx"
 MASTER = "master.pt"
 FULL_POLICY = "policy.pt"
+ADAPTATION = "adaptation.pt"
 VERSIONED_FILES = (MANIFEST, POLICY, MASTER)
+"""An MLSH version's files."""
+ARCHIVED_FILES = (MANIFEST, POLICY, MASTER, ADAPTATION)
+"""Every file a version of any algorithm may hold (each copied when present)."""
 METADATA_KEY = "metactl_manifest"
 INPUT_NAME = "obs"
 OUTPUT_NAMES = ("master_logits", "sub_actions")
+GAUSSIAN_OUTPUT_NAMES = ("action", "log_std")
+"""Outputs of a plain Gaussian actor's graph (maml, meta_sgd, learned_optimizer); input `obs`."""
+RECURRENT_INPUT_NAMES = ("obs", "hidden")
+RECURRENT_OUTPUT_NAMES = ("action", "hidden_out")
+GRADIENT_ALGORITHMS = ("maml", "meta_sgd", "learned_optimizer")
+BUNDLE_ALGORITHMS = ("mlsh", *GRADIENT_ALGORITHMS, "rl2")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass
@@ -51,6 +77,10 @@ class Bundle:
     @property
     def version(self) -> str:
         return self.manifest["version"]
+
+    @property
+    def algorithm(self) -> str:
+        return self.manifest.get("algorithm", "mlsh")
 
     @property
     def num_subpolicies(self) -> int:
@@ -113,7 +143,36 @@ def load_bundle(path: str | Path) -> Bundle:
             f"bundle {path} was exported with observation layout {manifest.get('observation', {}).get('hash')}, "
             f"this metactl computes {mapping.layout_hash}; re-export it with this version"
         )
+    algorithm = manifest.get("algorithm", "mlsh")
+    if algorithm not in BUNDLE_ALGORITHMS:
+        raise BundleError(f"{manifest_path}: algorithm '{algorithm}' unknown; valid: {', '.join(BUNDLE_ALGORITHMS)}")
+    if algorithm in GRADIENT_ALGORITHMS:
+        check_adaptable_file(path, manifest)
     return Bundle(path, manifest, spec)
+
+
+def check_adaptable_file(path: Path, manifest: dict[str, Any]) -> Path:
+    """The adaptable-state file named by the manifest, present and with the manifest's sha256.
+
+    Raises:
+        BundleError: the file is missing, or its bytes are not the ones exported (truncated,
+            corrupted, or copied from another bundle or version).
+    """
+    name, expected = manifest.get("adaptable"), manifest.get("adaptable_sha256")
+    if not name or not expected:
+        raise BundleError(
+            f"{path / MANIFEST}: a {manifest.get('algorithm')} bundle needs adaptable and adaptable_sha256"
+        )
+    target = path / name
+    if not target.exists():
+        raise BundleError(f"bundle {path} lacks its adaptable state {name}")
+    actual = file_sha256(target)
+    if actual != expected:
+        raise BundleError(
+            f"{target} is corrupted or belongs to another bundle version: sha256 {actual[:16]}..., "
+            f"the manifest expects {expected[:16]}...; restore it (metactl adapt --rollback) or re-export"
+        )
+    return target
 
 
 def list_versions(path: str | Path) -> list[str]:
@@ -128,7 +187,7 @@ def archive_current(path: Path) -> None:
     manifest = yaml.safe_load((path / MANIFEST).read_text())
     target = path / "versions" / manifest["version"]
     target.mkdir(parents=True, exist_ok=True)
-    for name in VERSIONED_FILES:
+    for name in ARCHIVED_FILES:
         if (path / name).exists():
             shutil.copy2(path / name, target / name)
 
@@ -138,7 +197,7 @@ def promote(path: Path, version: str) -> None:
     source = path / "versions" / version
     if not source.is_dir():
         raise BundleError(f"bundle {path} has no version '{version}'; it has {list_versions(path)}")
-    for name in VERSIONED_FILES:
+    for name in ARCHIVED_FILES:
         if (source / name).exists():
             tmp = path / f".{name}.tmp"
             shutil.copy2(source / name, tmp)

@@ -13,12 +13,14 @@ import numpy as np
 
 from controller.adaptation import Episode
 from deploy.robot import RobotEnv
-from deploy.runtime import PolicyRuntime
+from deploy.runtime import GaussianRuntime, PolicyRuntime, RL2Runtime, open_runtime
+
+Runtime = PolicyRuntime | GaussianRuntime | RL2Runtime
 
 logger = logging.getLogger(__name__)
 
 
-def run_episode(env: RobotEnv, runtime: PolicyRuntime, *, deterministic: bool = True) -> Episode:
+def run_episode(env: RobotEnv, runtime: Runtime, *, deterministic: bool = True) -> Episode:
     """One episode of `runtime` on `env`; `Episode.gaps` > 0 (incomplete) after any gap or reconnect."""
     episode = Episode()
     try:
@@ -28,10 +30,12 @@ def run_episode(env: RobotEnv, runtime: PolicyRuntime, *, deterministic: bool = 
             action, info = runtime.act(obs, deterministic=deterministic)
             episode.obs.append(obs)
             episode.actions.append(action)
-            episode.options.append(info["option"])
-            episode.chose.append(info["chose"])
-            episode.logits.append(info["logits"])
+            if "option" in info:  # MLSH: what the master did, for its update
+                episode.options.append(info["option"])
+                episode.chose.append(info["chose"])
+                episode.logits.append(info["logits"])
             obs, reward, terminated, truncated, step_info = env.step(action)
+            runtime.observe(reward)
             episode.rewards.append(reward)
             episode.forward_velocity.append(float(step_info["state"].base_vel[0]))
             if terminated or truncated:
@@ -50,7 +54,7 @@ def run_episode(env: RobotEnv, runtime: PolicyRuntime, *, deterministic: bool = 
 
 
 def run_episodes(
-    env: RobotEnv, runtime: PolicyRuntime, num_episodes: int, *, deterministic: bool = True, progress: str | None = None
+    env: RobotEnv, runtime: Runtime, num_episodes: int, *, deterministic: bool = True, progress: str | None = None
 ) -> list[Episode]:
     from tqdm import tqdm
 
@@ -92,7 +96,7 @@ def deploy(
         max_target_step: Rate limit on the joint targets (rad per tick); None: RobotEnv's default.
         reconnect_timeout: Seconds to keep reopening a lost port before giving up.
     """
-    runtime = PolicyRuntime(bundle_dir)
+    runtime = open_runtime(bundle_dir)
     env = RobotEnv(
         url,
         runtime.bundle.spec,

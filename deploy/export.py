@@ -46,22 +46,33 @@ def package_versions() -> dict[str, str]:
 
 def onnx_bytes(policy: MLSHPolicy, manifest: dict[str, Any]) -> bytes:
     """Export the MLSH graph with a dynamic batch and the manifest as metadata; self-contained bytes."""
-    policy.eval()
-    example = torch.zeros(2, policy.obs_dim)
+    return graph_onnx_bytes(policy, (torch.zeros(2, policy.obs_dim),), [INPUT_NAME], list(OUTPUT_NAMES), manifest)
+
+
+def graph_onnx_bytes(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    manifest: dict[str, Any],
+) -> bytes:
+    """Export `module(*example)` with a dynamic batch on every input and the manifest as metadata."""
+    module.eval()
+    batch = torch.export.Dim("batch")
     # The exporter logs a warning per optional torchvision op; none of them is in this graph.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
         program = torch.onnx.export(
-            policy,
-            (example,),
+            module,
+            example,
             None,
             dynamo=True,
             external_data=False,
             verbose=False,
-            input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_shapes={"obs": {0: torch.export.Dim("batch")}},
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes={name: {0: batch} for name in input_names},
         )
     model = program.model_proto
     del model.metadata_props[:]
@@ -74,6 +85,26 @@ def onnx_bytes(policy: MLSHPolicy, manifest: dict[str, Any]) -> bytes:
 def build_manifest(
     spec: RobotSpec, policy: MLSHPolicy, training: dict[str, Any], version: str = "v0", history: list | None = None
 ) -> dict[str, Any]:
+    policy_entry = {
+        "num_subpolicies": policy.num_subpolicies,
+        "macro_steps": policy.macro_steps,
+        "inputs": [INPUT_NAME],
+        "outputs": list(OUTPUT_NAMES),
+        "config": _plain(policy.config),
+    }
+    return base_manifest(spec, "mlsh", policy_entry, MASTER, training, version, history)
+
+
+def base_manifest(
+    spec: RobotSpec,
+    algorithm: str,
+    policy_entry: dict[str, Any],
+    adaptable: str | None,
+    training: dict[str, Any],
+    version: str = "v0",
+    history: list | None = None,
+) -> dict[str, Any]:
+    """The manifest of any algorithm's bundle: robot, observation layout, policy graph, versions, training."""
     mapping = ObservationMapping(spec)
     return {
         "format_version": FORMAT_VERSION,
@@ -87,15 +118,9 @@ def build_manifest(
         "action_scale": spec.action_scale,
         "observation": {"dim": mapping.obs_dim, "hash": mapping.layout_hash, "layout": mapping.layout},
         "action_dim": mapping.act_dim,
-        "algorithm": "mlsh",
-        "policy": {
-            "num_subpolicies": policy.num_subpolicies,
-            "macro_steps": policy.macro_steps,
-            "inputs": [INPUT_NAME],
-            "outputs": list(OUTPUT_NAMES),
-            "config": _plain(policy.config),
-        },
-        "adaptable": MASTER,
+        "algorithm": algorithm,
+        "policy": _plain(policy_entry),
+        "adaptable": adaptable,
         "versions": package_versions(),
         "training": training,
     }
@@ -176,19 +201,18 @@ def export_run(run_dir: str | Path, bundle_dir: str | Path) -> Path:
             if isinstance(config["robot"], str)
             else robot_spec_from_dict(config["robot"])
         )
+        training = _training_record(run, config, checkpoint)
+        algorithm = checkpoint.get("algorithm", "mlsh")
+        if algorithm != "mlsh":
+            from deploy.export_meta import export_meta_checkpoint
+
+            bar.update(1)
+            export_meta_checkpoint(checkpoint, spec, training, bundle_dir)
+            bar.update(2)
+            return bundle_dir
         policy = MLSHPolicy(**checkpoint["policy_config"])
         policy.load_state_dict(checkpoint["policy"])
         bar.update(1)
-        metrics = run.read_metrics()
-        training = {
-            "command": config.get("command"),
-            "config": {k: v for k, v in config.items() if k != "command"},
-            "seed": config.get("seed"),
-            "run_dir": str(run.path),
-            "total_steps": int(checkpoint["total_steps"]),
-            "wall_time_s": round(_wall_time(checkpoint, metrics), 1),
-            "final_return": metrics[-1].get("episode_return") if metrics else None,
-        }
         manifest = build_manifest(spec, policy, training)
         bundle_dir.mkdir(parents=True, exist_ok=True)
         save_torch({"config": policy.config, "state_dict": policy.state_dict()}, bundle_dir / FULL_POLICY)
@@ -196,3 +220,17 @@ def export_run(run_dir: str | Path, bundle_dir: str | Path) -> Path:
         write_version(bundle_dir, policy, manifest)
         bar.update(1)
     return bundle_dir
+
+
+def _training_record(run: RunDir, config: dict[str, Any], checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `training` entry: command, resolved config, seed, steps, wall time, final return."""
+    metrics = run.read_metrics()
+    return {
+        "command": config.get("command"),
+        "config": {k: v for k, v in config.items() if k != "command"},
+        "seed": config.get("seed"),
+        "run_dir": str(run.path),
+        "total_steps": int(checkpoint["total_steps"]),
+        "wall_time_s": round(_wall_time(checkpoint, metrics), 1),
+        "final_return": metrics[-1].get("episode_return") if metrics else None,
+    }

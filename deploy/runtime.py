@@ -1,4 +1,10 @@
-"""onnxruntime policy runtime for a bundle: MLSH option state lives here, not in the caller.
+"""onnxruntime policy runtimes for a bundle: MLSH option state and RL^2 memory live here, not in the caller.
+
+`open_runtime` picks the runtime from the manifest's algorithm: `PolicyRuntime` (MLSH master and
+sub-policies), `GaussianRuntime` (a plain Gaussian actor: MAML, Meta-SGD, learned optimizer) or
+`RL2Runtime` (a recurrent actor). All three offer the same tick interface to the control loop:
+`reset()` at an episode start, `act(obs, deterministic) -> (action, info)`, `observe(reward)`
+after each step, and `reload(path)` to swap in a new version between ticks.
 
 numpy + onnxruntime only (no torch): this is what runs on the robot's computer.
 """
@@ -15,7 +21,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from deploy.bundle import INPUT_NAME, METADATA_KEY, OUTPUT_NAMES, Bundle, load_bundle, manifest_json
+from deploy.bundle import (
+    GAUSSIAN_OUTPUT_NAMES,
+    GRADIENT_ALGORITHMS,
+    INPUT_NAME,
+    METADATA_KEY,
+    OUTPUT_NAMES,
+    Bundle,
+    load_bundle,
+    manifest_json,
+)
 from deploy.errors import BundleError
 
 
@@ -62,6 +77,38 @@ def _cache_path(policy_path: Path) -> Path | None:
     return policy_path.with_name(f".policy.{digest}.optimized.onnx")
 
 
+def open_session(bundle: Bundle, inputs: list[str], outputs: list[str]) -> ort.InferenceSession:
+    """The bundle's policy graph, checked: its metadata is the manifest, its I/O names are these.
+
+    Raises:
+        BundleError: naming the mismatch.
+    """
+    model = onnx.load(str(bundle.policy_path), load_external_data=False)
+    stored = {entry.key: entry.value for entry in model.metadata_props}.get(METADATA_KEY)
+    if stored is None or json.loads(stored) != json.loads(manifest_json(bundle.manifest)):
+        raise BundleError(f"{bundle.policy_path}: the ONNX metadata does not match {bundle.path / 'manifest.yaml'}")
+    session = make_session(bundle.policy_path, _cache_path(bundle.policy_path))
+    got_inputs = [node.name for node in session.get_inputs()]
+    got_outputs = [node.name for node in session.get_outputs()]
+    if got_inputs != inputs or got_outputs != outputs:
+        raise BundleError(
+            f"{bundle.policy_path}: expected inputs {inputs} outputs {outputs}, got {got_inputs} {got_outputs}"
+        )
+    return session
+
+
+def open_runtime(
+    bundle: Bundle | str | Path, rng: np.random.Generator | None = None
+) -> PolicyRuntime | GaussianRuntime | RL2Runtime:
+    """The runtime for the bundle's algorithm (`PolicyRuntime`, `GaussianRuntime` or `RL2Runtime`)."""
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if bundle.algorithm == "mlsh":
+        return PolicyRuntime(bundle, rng)
+    if bundle.algorithm in GRADIENT_ALGORITHMS:
+        return GaussianRuntime(bundle, rng)
+    return RL2Runtime(bundle)
+
+
 class PolicyRuntime:
     """Runs a bundle's policy one control tick at a time.
 
@@ -77,19 +124,9 @@ class PolicyRuntime:
         self.reset()
 
     def _load(self, bundle: Bundle) -> None:
-        model = onnx.load(str(bundle.policy_path), load_external_data=False)
-        stored = {entry.key: entry.value for entry in model.metadata_props}.get(METADATA_KEY)
-        if stored is None or json.loads(stored) != json.loads(manifest_json(bundle.manifest)):
-            raise BundleError(f"{bundle.policy_path}: the ONNX metadata does not match {bundle.path / 'manifest.yaml'}")
-        session = make_session(bundle.policy_path, _cache_path(bundle.policy_path))
-        inputs = [node.name for node in session.get_inputs()]
-        outputs = [node.name for node in session.get_outputs()]
-        if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
-            raise BundleError(
-                f"{bundle.policy_path}: expected inputs {[INPUT_NAME]} outputs {list(OUTPUT_NAMES)}, "
-                f"got {inputs} {outputs}"
-            )
-        self._session = session
+        if bundle.algorithm != "mlsh":
+            raise BundleError(f"bundle {bundle.path} holds a {bundle.algorithm} policy; open it with open_runtime()")
+        self._session = open_session(bundle, [INPUT_NAME], list(OUTPUT_NAMES))
         self.bundle = bundle
         self.obs_dim = int(bundle.manifest["observation"]["dim"])
         self.macro_steps = bundle.macro_steps
@@ -106,6 +143,9 @@ class PolicyRuntime:
     def reset(self) -> None:
         self.option = -1
         self._ticks_left = 0
+
+    def observe(self, reward: float) -> None:
+        """The reward the last action earned (unused: MLSH adapts offline, from whole episodes)."""
 
     def infer(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """obs [obs_dim] or [B, obs_dim] -> (master_logits [B, K], sub_actions [B, K, act_dim])."""
@@ -141,8 +181,8 @@ class RecurrentRuntime:
     INPUT_NAMES = ("obs", "hidden")
     OUTPUT_NAMES = ("action", "hidden_out")
 
-    def __init__(self, path: str | Path, obs_dim: int) -> None:
-        self._session = make_session(Path(path))
+    def __init__(self, path: str | Path, obs_dim: int, session: ort.InferenceSession | None = None) -> None:
+        self._session = session or make_session(Path(path))
         inputs = {node.name: node.shape for node in self._session.get_inputs()}
         outputs = [node.name for node in self._session.get_outputs()]
         if tuple(inputs) != self.INPUT_NAMES or tuple(outputs) != self.OUTPUT_NAMES:
@@ -187,3 +227,86 @@ class RecurrentRuntime:
         self._episode_start = False
         self._previous_action = np.clip(action[0], -1.0, 1.0).astype(np.float32)
         return action[0]
+
+
+class GaussianRuntime:
+    """Runs a plain Gaussian actor (obs -> action mean, log_std): the mean, or a sample when adapting."""
+
+    def __init__(self, bundle: Bundle | str | Path, rng: np.random.Generator | None = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.rng = rng or np.random.default_rng(0)
+        self._lock = threading.Lock()
+        self._session = self._open(self.bundle)
+        self.obs_dim = int(self.bundle.manifest["observation"]["dim"])
+
+    @staticmethod
+    def _open(bundle: Bundle) -> ort.InferenceSession:
+        if bundle.algorithm not in GRADIENT_ALGORITHMS:
+            raise BundleError(f"bundle {bundle.path} holds a {bundle.algorithm} policy, not a Gaussian actor")
+        return open_session(bundle, [INPUT_NAME], list(GAUSSIAN_OUTPUT_NAMES))
+
+    def reload(self, path: str | Path | None = None) -> None:
+        """Load a (new) version of the bundle; the swap happens between ticks under a lock."""
+        bundle = load_bundle(path or self.bundle.path)
+        session = self._open(bundle)  # slow part, outside the lock
+        with self._lock:
+            self._session, self.bundle = session, bundle
+
+    def reset(self) -> None:
+        """A new episode (the actor is memoryless)."""
+
+    def observe(self, reward: float) -> None:
+        """The reward the last action earned (unused: the actor adapts offline, from whole episodes)."""
+
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> tuple[np.ndarray, dict]:
+        """One tick: the mean action [act_dim], or mean + exp(log_std) * N(0, I) when not deterministic."""
+        batch = np.asarray(obs, dtype=np.float32).reshape(1, self.obs_dim)
+        with self._lock:
+            mean, log_std = self._session.run(None, {INPUT_NAME: batch})
+        action = mean[0] if deterministic else mean[0] + np.exp(log_std[0]) * self.rng.standard_normal(mean.shape[1])
+        return action.astype(np.float32), {}
+
+
+class RL2Runtime:
+    """Runs an RL^2 bundle: the hidden state carries across episodes until `reset_trial()` (a new task)."""
+
+    def __init__(self, bundle: Bundle | str | Path) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self._lock = threading.Lock()
+        self.recurrent = self._open(self.bundle)
+        self._reward: float | None = None
+
+    @staticmethod
+    def _open(bundle: Bundle) -> RecurrentRuntime:
+        if bundle.algorithm != "rl2":
+            raise BundleError(f"bundle {bundle.path} holds a {bundle.algorithm} policy, not RL^2")
+        session = open_session(bundle, list(RecurrentRuntime.INPUT_NAMES), list(RecurrentRuntime.OUTPUT_NAMES))
+        return RecurrentRuntime(bundle.policy_path, int(bundle.manifest["observation"]["dim"]), session=session)
+
+    def reload(self, path: str | Path | None = None) -> None:
+        """Load a (new) version between ticks; it starts a new trial (old memory means nothing to another graph)."""
+        bundle = load_bundle(path or self.bundle.path)
+        recurrent = self._open(bundle)  # slow part, outside the lock
+        with self._lock:
+            self.recurrent, self.bundle, self._reward = recurrent, bundle, None
+
+    def reset_trial(self) -> None:
+        """A new task: forget everything."""
+        with self._lock:
+            self.recurrent.reset_trial()
+            self._reward = None
+
+    def reset(self) -> None:
+        """A new episode of the same trial: the hidden state stays."""
+        with self._lock:
+            self.recurrent.start_episode()
+            self._reward = None
+
+    def observe(self, reward: float) -> None:
+        """The reward the last action earned: the next tick's input."""
+        self._reward = float(reward)
+
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> tuple[np.ndarray, dict]:
+        """One tick of the deterministic recurrent actor (RL^2 explores through its memory, not noise)."""
+        with self._lock:
+            return self.recurrent.act(obs, self._reward), {}

@@ -19,11 +19,19 @@ from controller.robot import load_robot_spec
 from controller.rundir import RunDir
 from sim import samplers
 from sim.env import LocomotionEnv
+from sim.meta_training import (
+    GRADIENT_ALGORITHMS,
+    RECURRENT_ALGORITHMS,
+    GradientMetaConfig,
+    RL2TrainConfig,
+    train_gradient,
+    train_rl2,
+)
 from sim.tasks import TaskDistribution
 
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = ("mlsh",)
+ALGORITHMS = ("mlsh", *GRADIENT_ALGORITHMS, *RECURRENT_ALGORITHMS)
 BACKENDS = samplers.BACKENDS
 
 
@@ -46,7 +54,9 @@ class SamplerConfig:
     num_envs: int = 2
     """Environment copies stepped together (one per core is the sweet spot)."""
     backend: str = "process"
-    """'inline' (this process), 'process' (one worker process per copy) or 'ray' (one Ray actor per copy)."""
+    """'inline' (this process), 'process' (one worker process per copy), 'ray' (one Ray actor per copy) or
+    'worker' (one worker process per copy that also runs the policy and returns a whole rollout per
+    iteration; same trajectories as the others, fewer messages)."""
     ray_address: str | None = None
     """Ray cluster to join for backend 'ray' ('auto', 'ray://host:10001'); None starts a local Ray."""
 
@@ -95,6 +105,10 @@ class TrainConfig:
     """Network shapes."""
     mlsh: MLSHConfig = field(default_factory=MLSHConfig)
     """MLSH schedule and PPO settings."""
+    maml: GradientMetaConfig = field(default_factory=GradientMetaConfig)
+    """Policy, update rule and schedule of maml, meta_sgd and learned_optimizer."""
+    rl2: RL2TrainConfig = field(default_factory=RL2TrainConfig)
+    """Policy and schedule of rl2."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """Environment stepping."""
 
@@ -168,6 +182,13 @@ def train(
     spec = load_robot_spec(config.robot)
     torch.manual_seed(config.seed)
     torch.set_num_threads(1)
+    if config.algorithm != "mlsh":
+        try:
+            _train_meta(config, distribution, run_dir, progress)
+        finally:
+            run_dir.close()
+        logger.info("trained %s (%s) for %s", spec.name, config.algorithm, run_dir.path)
+        return run_dir
     envs = make_vector_env(config)
     try:
         policy = build_policy(config, envs.single_observation_space.shape[0], envs.single_action_space.shape[0])
@@ -182,3 +203,13 @@ def train(
         run_dir.close()
     logger.info("trained %s for %s on %d envs", spec.name, run_dir.path, config.sampler.num_envs)
     return run_dir
+
+
+def _train_meta(config: TrainConfig, distribution: TaskDistribution, run_dir: RunDir, progress: bool) -> None:
+    """The gradient-based meta-learners and RL^2: their trainers build their own envs and step them in this
+    process (the `sampler` and `policy` sections are MLSH's and do not apply)."""
+    env_fn = functools.partial(_make_env, config.robot, config.env)
+    if config.algorithm in GRADIENT_ALGORITHMS:
+        train_gradient(config.algorithm, config.maml, env_fn, distribution.sample_tasks, run_dir, config.seed, progress)
+    else:
+        train_rl2(config.rl2, env_fn, distribution.sample_tasks, run_dir, config.seed, progress)

@@ -1,0 +1,258 @@
+"""`metactl adapt` for MAML, Meta-SGD, the learned optimizer (inner steps) and RL^2 (hidden state).
+
+Gradient-based: the K episodes are collected with the sampling policy of the deployed version
+(mean + exp(log_std) * noise, from the ONNX graph), then `adapt_fast_weights` takes the inner
+step(s) of the bundle's learned update rule on them, exactly the trainer's inner loop
+(`MetaLearner.clone().adapt` on `controller.meta_trainer.inner_loss`, first order: no meta-gradient
+is needed at test time). The adapted actor becomes the candidate version's policy.onnx, with its
+fast weights and update-rule state in adaptation.pt; it is kept only if it evaluates no worse.
+
+RL^2: the K episodes and then the evaluation episodes run as one trial, the hidden state carried
+across them; the gain is the return after K episodes of memory against a fresh trial's. Nothing is
+written: the adaptation lives in the hidden state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from controller.adaptation import Episode
+from controller.config import build
+from controller.errors import ConfigError
+from controller.maml import AdaptedModule, MetaLearner
+from controller.meta_trainer import Episodes, MAMLConfig, inner_advantages, inner_loss, policy_log_probs
+from deploy.adapt import AdaptResult, candidate_manifest, connect_for_adaptation, plot_returns
+from deploy.bundle import ADAPTATION, Bundle, next_version, promote
+from deploy.control import run_episodes
+from deploy.errors import BundleError
+from deploy.export_meta import load_adaptation, write_gradient_version_to
+from deploy.robot import RobotEnv
+from deploy.runtime import GaussianRuntime, RL2Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def episodes_to_batch(episodes: Sequence[Episode]) -> Episodes:
+    """Robot episodes -> `Episodes` padded to the longest (mask 0 after each ends); log_probs unset (zeros)."""
+    if not episodes or any(episode.length == 0 for episode in episodes):
+        raise ValueError("episodes_to_batch needs at least one episode, each with at least one step")
+    num_steps = max(episode.length for episode in episodes)
+    obs_dim, act_dim = len(episodes[0].obs[0]), len(episodes[0].actions[0])
+    obs = np.zeros((len(episodes), num_steps, obs_dim), np.float32)
+    actions = np.zeros((len(episodes), num_steps, act_dim), np.float32)
+    rewards, mask = np.zeros((len(episodes), num_steps), np.float32), np.zeros((len(episodes), num_steps), np.float32)
+    for i, episode in enumerate(episodes):
+        length = episode.length
+        obs[i, :length], actions[i, :length] = np.asarray(episode.obs), np.asarray(episode.actions)
+        rewards[i, :length], mask[i, :length] = episode.rewards, 1.0
+    tensors = [torch.as_tensor(array) for array in (obs, actions, rewards)]
+    return Episodes(*tensors, log_probs=torch.zeros(len(episodes), num_steps), mask=torch.as_tensor(mask))
+
+
+def adapt_fast_weights(
+    learner: MetaLearner,
+    fast: dict[str, Tensor],
+    rule_state: dict[str, Tensor] | None,
+    episodes: Sequence[Episode],
+    config: MAMLConfig,
+    num_steps: int | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, float]]:
+    """Inner step(s) of the learner's update rule from `fast` on episodes sampled by the policy with `fast`.
+
+    Args:
+        learner: The meta-learner (its meta-parameters: update rule, normalizer, non-adapted weights).
+        fast: The sampling policy's adapted parameters, name -> tensor.
+        rule_state: The update rule's state after earlier steps (None: its initial state).
+        episodes: Episodes sampled with the policy at `fast` (actions as sampled, before clipping).
+        config: Inner-loss settings (gamma, baseline, DiCE lambda, advantage standardization).
+        num_steps: Inner steps on these episodes; None: `config.num_inner_steps`. A later step reuses
+            the episodes with DiCE's importance weights against the sampling policy.
+
+    Returns:
+        New fast weights, new rule state and statistics (inner loss before/after, mean return).
+    """
+    num_steps = config.num_inner_steps if num_steps is None else num_steps
+    params = {name: value.detach().clone() for name, value in fast.items()}
+    state = learner.initial_state(params) if rule_state is None else rule_state
+    clone = AdaptedModule(learner, params, state).detach()
+    batch = episodes_to_batch(episodes)
+    with torch.no_grad():
+        batch.log_probs = policy_log_probs(clone, batch)  # the sampling policy's, for DiCE
+    inner_advantages(batch, config)
+    losses = []
+    for _ in range(num_steps):
+        loss = inner_loss(clone, batch, config)
+        losses.append(loss.item())
+        clone.adapt(loss, first_order=True)  # no meta-gradient at test time
+        clone = clone.detach()
+    with torch.no_grad():
+        losses.append(inner_loss(clone, batch, config).item())
+    stats = {"inner_loss_before": losses[0], "inner_loss_after": losses[-1], "inner_steps": float(num_steps)}
+    stats["mean_return"] = float(batch.episode_returns().mean())
+    fast_out = {name: value.detach() for name, value in clone.params.items()}
+    state_out = None if clone.state is None else {name: value.detach() for name, value in clone.state.items()}
+    return fast_out, state_out, stats
+
+
+def _robot(bundle: Bundle, url: str, seconds: float, command_vx: float, calibration, reset_wait) -> RobotEnv:
+    return RobotEnv(
+        url,
+        bundle.spec,
+        command=(command_vx, 0.0, 0.0),
+        episode_seconds=seconds,
+        calibration=calibration,
+        reset_wait=reset_wait,
+    )
+
+
+def adapt_gradient(
+    bundle: Bundle,
+    url: str,
+    *,
+    num_episodes: int = 3,
+    eval_episodes: int = 1,
+    seconds: float = 10.0,
+    command_vx: float = 0.5,
+    calibration=None,
+    reset_wait: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> AdaptResult:
+    """Evaluate, collect K sampled episodes, take the inner step(s), evaluate the candidate, keep if not worse.
+
+    Raises:
+        BundleError: a damaged or mismatched adaptation.pt (before the robot moves; nothing written),
+            another robot, or no complete episode to learn from.
+    """
+    bundle_dir = bundle.path
+    learner, state = load_adaptation(bundle_dir, bundle.manifest)  # refuse a bad file before anything moves
+    try:
+        inner_config = build(MAMLConfig, state["spec"]["inner"], "inner")
+    except ConfigError as error:
+        raise BundleError(f"{bundle_dir / ADAPTATION}: bad inner-loop settings: {error}") from error
+    runtime = GaussianRuntime(bundle, rng=np.random.default_rng(seed))
+    env = _robot(bundle, url, seconds, command_vx, calibration, reset_wait)
+    label = (lambda text: text) if progress else (lambda text: None)
+    try:
+        connect_for_adaptation(env, bundle, url)
+        before = run_episodes(env, runtime, eval_episodes, progress=label("evaluate before"))
+        collected = run_episodes(env, runtime, num_episodes, deterministic=False, progress=label("adapt episodes"))
+        usable = [episode for episode in collected if episode.complete and episode.length > 0]
+        if len(usable) < len(collected):
+            logger.warning("%d of %d episodes had gaps and are left out", len(collected) - len(usable), len(collected))
+        if not usable:
+            raise BundleError("no complete adaptation episode to learn from (every one had gaps)")
+        start = time.perf_counter()
+        fast, rule_state, stats = adapt_fast_weights(learner, state["fast"], state["rule_state"], usable, inner_config)
+        update_seconds = time.perf_counter() - start
+        candidate = next_version(bundle_dir)
+        manifest = candidate_manifest(bundle, candidate, len(usable), stats)
+        candidate_dir = write_gradient_version_to(
+            bundle_dir / "versions" / candidate,
+            state["spec"],
+            learner,
+            fast,
+            rule_state,
+            state["inner_steps"] + int(stats["inner_steps"]),
+            manifest,
+        )
+        after = run_episodes(env, GaussianRuntime(candidate_dir), eval_episodes, progress=label("evaluate after"))
+    finally:
+        env.close()
+    return keep_if_not_worse(bundle, runtime, candidate, candidate_dir, before, collected, after, update_seconds)
+
+
+def keep_if_not_worse(
+    bundle: Bundle,
+    runtime: GaussianRuntime,
+    candidate: str,
+    candidate_dir: Path,
+    before: list[Episode],
+    collected: list[Episode],
+    after: list[Episode],
+    update_seconds: float,
+) -> AdaptResult:
+    """Keep the candidate only if its evaluation return is not worse; plot every episode's return."""
+    return_before = float(np.mean([e.total_return for e in before]))
+    return_after = float(np.mean([e.total_return for e in after]))
+    kept = return_after >= return_before
+    if kept:
+        promote(bundle.path, candidate)
+        runtime.reload(bundle.path)  # between ticks, for a caller that keeps running it
+    plot = plot_returns(
+        Path(candidate_dir) / "adaptation.png",
+        [e.total_return for e in before],
+        [e.total_return for e in collected],
+        [e.total_return for e in after],
+    )
+    return AdaptResult(
+        return_before=return_before,
+        return_after=return_after,
+        kept=kept,
+        version=candidate if kept else bundle.version,
+        candidate=candidate,
+        adaptation_returns=[e.total_return for e in collected],
+        before_returns=[e.total_return for e in before],
+        after_returns=[e.total_return for e in after],
+        update_seconds=update_seconds,
+        plot=str(plot),
+        algorithm=bundle.algorithm,
+    )
+
+
+def adapt_rl2(
+    bundle: Bundle,
+    url: str,
+    *,
+    num_episodes: int = 3,
+    eval_episodes: int = 1,
+    seconds: float = 10.0,
+    command_vx: float = 0.5,
+    calibration=None,
+    reset_wait: float | None = None,
+    progress: bool = True,
+) -> AdaptResult:
+    """Before: a fresh trial of E episodes. Then one trial of K + E episodes; after: its last E.
+
+    The bundle is not changed (no version is written); the plot goes to the bundle's adaptation/ folder.
+    """
+    runtime = RL2Runtime(bundle)
+    env = _robot(bundle, url, seconds, command_vx, calibration, reset_wait)
+    label = (lambda text: text) if progress else (lambda text: None)
+    try:
+        connect_for_adaptation(env, bundle, url)
+        runtime.reset_trial()
+        before = run_episodes(env, runtime, eval_episodes, progress=label("evaluate before (fresh memory)"))
+        runtime.reset_trial()
+        collected = run_episodes(env, runtime, num_episodes, progress=label("adapt episodes (one trial)"))
+        after = run_episodes(env, runtime, eval_episodes, progress=label("evaluate after (same trial)"))
+    finally:
+        env.close()
+    plot_dir = bundle.path / "adaptation"
+    plot_dir.mkdir(exist_ok=True)
+    plot = plot_returns(
+        plot_dir / "rl2_trial.png",
+        [e.total_return for e in before],
+        [e.total_return for e in collected],
+        [e.total_return for e in after],
+    )
+    return AdaptResult(
+        return_before=float(np.mean([e.total_return for e in before])),
+        return_after=float(np.mean([e.total_return for e in after])),
+        kept=False,
+        version=bundle.version,
+        candidate="",
+        adaptation_returns=[e.total_return for e in collected],
+        before_returns=[e.total_return for e in before],
+        after_returns=[e.total_return for e in after],
+        update_seconds=0.0,  # no update: the memory is the adaptation
+        plot=str(plot),
+        algorithm="rl2",
+    )
