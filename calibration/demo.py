@@ -3,6 +3,9 @@
 Starts `metactl emulate` in its own process on a held-out task (dynamics the policy never saw and
 the host is not told), deploys the bundle over the pseudo-terminal, adapts it with K episodes,
 and prints a before/after table. The shipped bundle is used unless `--quick` trains a tiny one.
+A `--bundle` of any algorithm works: MLSH and the gradient-based meta-learners write a candidate
+version that is kept or rejected; RL^2 adapts in its hidden state, so its table compares a fresh
+memory with the same trial after K episodes, and nothing is written.
 """
 
 from __future__ import annotations
@@ -13,13 +16,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controller.errors import MetactlError
+
+if TYPE_CHECKING:  # deploy is imported when the demo runs, not when the CLI starts
+    from deploy.adapt import AdaptResult
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_BUNDLE = ROOT / "bundles" / "a1_terrain"
 HELDOUT_TASK = ROOT / "configs" / "tasks" / "a1_heldout_slippery.yaml"
 QUICK_CONFIG = ROOT / "configs" / "a1_quick.yaml"
+UPDATES = {"mlsh": "master update", "maml": "inner step", "meta_sgd": "inner step", "learned_optimizer": "inner step"}
+"""What each algorithm does with the K episodes when it writes a candidate version (RL^2 writes none)."""
 
 
 class Emulated:
@@ -88,6 +97,9 @@ def run_demo(
         shutil.copytree(source, working)
         task_file = Path(task) if task else HELDOUT_TASK
         from deploy.adapt import adapt
+        from deploy.bundle import load_bundle
+
+        version_before = load_bundle(working).version
 
         emulator_args = ["--task", str(task_file)] + (["--lockstep"] if lockstep else [])
         with Emulated(*emulator_args) as port:
@@ -96,6 +108,7 @@ def run_demo(
         plot = Path(plot).resolve()
         shutil.copy(result.plot, plot)
         summary = {
+            "algorithm": result.algorithm,
             "return_before": round(result.return_before, 2),
             "return_after": round(result.return_after, 2),
             "episodes": k,
@@ -109,14 +122,26 @@ def run_demo(
             "seconds": round(time.perf_counter() - start, 1),
         }
         report("")
-        report("| policy | return (eval episode) |")
-        report("|---|---:|")
-        report(f"| before adaptation (v0) | {result.return_before:.1f} |")
-        report(
-            f"| after {k} episodes ({result.candidate}, {'kept' if result.kept else 'rejected'}) "
-            f"| {result.return_after:.1f} |"
-        )
+        for line in before_after_table(result, k, version_before):
+            report(line)
         report(f"\nadaptation episodes: {', '.join(f'{r:.1f}' for r in result.adaptation_returns)}; plot: {plot}")
         return summary
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def before_after_table(result: AdaptResult, k: int, version_before: str) -> list[str]:
+    """The demo's Markdown table for an `AdaptResult`, worded for the bundle's algorithm."""
+    lines = ["| policy | return (eval episode) |", "|---|---:|"]
+    episodes = f"{k} episode{'' if k == 1 else 's'}"
+    if result.algorithm == "rl2":
+        lines.append(f"| fresh memory ({version_before}, new trial) | {result.return_before:.1f} |")
+        lines.append(f"| after {episodes} of memory (same trial; nothing written) | {result.return_after:.1f} |")
+        return lines
+    update = UPDATES.get(result.algorithm, "update")
+    lines.append(f"| before adaptation ({version_before}) | {result.return_before:.1f} |")
+    lines.append(
+        f"| after {episodes}, {update} ({result.candidate}, {'kept' if result.kept else 'rejected'}) "
+        f"| {result.return_after:.1f} |"
+    )
+    return lines

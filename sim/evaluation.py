@@ -1,11 +1,16 @@
 """`metactl eval`: the meta-test protocol of docs/DESIGN (K adaptation episodes, then E evaluation
-episodes with the deterministic policy, per held-out task), in simulation.
+episodes with the deterministic policy, per held-out task), in simulation, for a run of any algorithm.
 
+The run's algorithm (its config.yaml `algorithm`) decides how the K episodes are used:
+- MLSH adapts its master from the K episodes (K = 0 is the policy as exported);
+- MAML, Meta-SGD, the learned optimizer: the inner step(s) on K sampled episodes, through the same
+  function the robot adapter uses (sim/evaluation_meta.py);
+- RL^2: the K episodes and then the evaluation episodes run as one trial, the hidden state carried
+  (K = 0: a fresh memory; sim/evaluation_meta.py).
 Methods compared on the same tasks and seeds:
-- the run itself: MLSH adapts its master from the K episodes (K = 0 is the policy as exported);
-- `--baseline RUN`: a domain-randomized run without adaptation, and the same run fine-tuning all
-  sub-policy weights from the K episodes (transfer learning);
-- `--oracle RUN`: a run trained with the true task parameters in its observation (K = 0).
+- `--baseline RUN` (an MLSH run): a domain-randomized run without adaptation, and the same run
+  fine-tuning all sub-policy weights from the K episodes (transfer learning);
+- `--oracle RUN` (a run of any algorithm): trained with the true task parameters in its observation (K = 0).
 Normalized score: (R_K - R_random) / (R_oracle - R_random), with R_random from uniform random actions.
 """
 
@@ -28,28 +33,57 @@ from controller.errors import ConfigError
 from controller.policies import MLSHPolicy
 from controller.rundir import RunDir
 from sim.env import LocomotionEnv
+from sim.evaluation_meta import (
+    ADAPTATION_LABELS,
+    GRADIENT_ALGORITHMS,
+    MetaModel,
+    gradient_returns,
+    load_meta_model,
+    rl2_returns,
+)
 from sim.tasks import Task
+
+MODES = ("adapt", "finetune", "none")
+"""How `evaluate_method` uses the K episodes: the run's own adaptation, fine-tuning all weights
+(MLSH runs: the transfer-learning baseline), or not at all (K ignored)."""
 
 
 @dataclass
 class LoadedRun:
     name: str
-    policy: MLSHPolicy
+    policy: MLSHPolicy | None
+    """MLSH runs: the hierarchical policy (None for the other algorithms)."""
     config: dict[str, Any]
+    algorithm: str = "mlsh"
+    """The run's config.yaml `algorithm`."""
+    meta: MetaModel | None = None
+    """Gradient-based and RL^2 runs: what their meta-test needs."""
 
     @property
     def privileged(self) -> bool:
         return bool(self.config.get("env", {}).get("privileged", False))
 
+    @property
+    def method_name(self) -> str:
+        """The table's name for the run adapting as its algorithm does, e.g. 'maml (inner step)'."""
+        return f"{self.algorithm} ({ADAPTATION_LABELS.get(self.algorithm, 'adapt')})"
+
 
 def load_run(path: str | Path) -> LoadedRun:
+    """The run's checkpointed policy, rebuilt for its algorithm (config.yaml `algorithm`, default mlsh)."""
     run = RunDir(path)
     if not run.has_checkpoint():
         raise ConfigError(f"{run.path} has no checkpoint to evaluate")
+    config = run.read_config()
+    algorithm = str(config.get("algorithm", "mlsh"))
     checkpoint = run.load_checkpoint()
+    if algorithm != "mlsh":
+        return LoadedRun(
+            Path(path).name, None, config, algorithm, load_meta_model(algorithm, checkpoint, str(run.path))
+        )
     policy = MLSHPolicy(**checkpoint["policy_config"])
     policy.load_state_dict(checkpoint["policy"])
-    return LoadedRun(Path(path).name, policy.eval(), run.read_config())
+    return LoadedRun(Path(path).name, policy.eval(), config)
 
 
 def load_tasks(path: str | Path) -> list[Task]:
@@ -116,21 +150,37 @@ def rollout(
 
 def evaluate_method(
     env: LocomotionEnv, run: LoadedRun, k: int, mode: str, eval_episodes: int, seed: int
-) -> tuple[float, list[Episode]]:
-    """Mean deterministic return after K adaptation episodes ('master', 'finetune' or 'none')."""
+) -> tuple[float, list[float]]:
+    """Mean deterministic return after K adaptation episodes, and each evaluation episode's return.
+
+    Args:
+        mode: One of `MODES`: 'adapt' (the run's algorithm's own adaptation), 'finetune' (all
+            weights, MLSH runs only) or 'none' (K ignored).
+    """
+    if mode not in MODES:
+        raise ConfigError(f"evaluation mode '{mode}' unknown; valid: {', '.join(MODES)}")
+    k = 0 if mode == "none" else k
+    if run.algorithm != "mlsh":
+        if mode == "finetune":
+            raise ConfigError(f"fine-tuning all weights is an MLSH baseline; {run.name} is a {run.algorithm} run")
+        if run.algorithm in GRADIENT_ALGORITHMS:
+            returns = gradient_returns(env, run.meta, k, eval_episodes, seed)[0]
+        else:
+            returns = rl2_returns(env, run.meta.policy, k, eval_episodes, seed)
+        return float(np.mean(returns)), returns
     policy = copy.deepcopy(run.policy)
-    if k > 0 and mode != "none":
+    if k > 0:
         rng = np.random.default_rng(seed)
         episodes = [
             rollout(env, policy, seed + 1000 + i, sample_master=True, sample_actions=mode == "finetune", rng=rng)
             for i in range(k)
         ]
-        if mode == "master":
+        if mode == "adapt":
             update_master(policy, episodes, AdaptConfig(), seed)
         else:
             finetune_all(policy, episodes, AdaptConfig(), seed)
-    evaluation = [rollout(env, policy, seed + i) for i in range(eval_episodes)]
-    return float(np.mean([e.total_return for e in evaluation])), evaluation
+    returns = [rollout(env, policy, seed + i).total_return for i in range(eval_episodes)]
+    return float(np.mean(returns)), returns
 
 
 def evaluate(
@@ -149,17 +199,20 @@ def evaluate(
     """Run the protocol; writes eval.md, eval.json and eval.png into `out_dir` (default: the run dir)."""
     tasks = load_tasks(tasks_path)
     main = load_run(run_path)
-    methods: list[tuple[str, LoadedRun, str]] = [
-        (f"{main.config.get('algorithm', 'mlsh')} (adapt master)", main, "master")
-    ]
+    methods: list[tuple[str, LoadedRun, str]] = [(main.method_name, main, "adapt")]
     if baseline is not None:
         base = load_run(baseline)
+        if base.algorithm != "mlsh":
+            raise ConfigError(
+                f"--baseline needs an MLSH run (it fine-tunes all sub-policy weights); {baseline} is {base.algorithm}"
+            )
         methods += [("domain-randomized PPO", base, "none"), ("fine-tune all", base, "finetune")]
     oracle_run = load_run(oracle) if oracle is not None else None
     robot = main.config.get("robot", "a1")
     env = LocomotionEnv(robot, episode_seconds=seconds, joint_noise=0.0)
     privileged_env = LocomotionEnv(robot, episode_seconds=seconds, joint_noise=0.0, privileged=True)
     results: dict[str, Any] = {
+        "algorithm": main.algorithm,
         "tasks": [t.to_dict() for t in tasks],
         "ks": ks,
         "methods": {},
