@@ -53,19 +53,8 @@ from controller.policies import MLSHPolicy
 from controller.robot import RobotSpec, load_robot_spec
 from deploy.bundle import load_bundle
 from deploy.export import build_manifest, write_version
-from deploy.protocol import (
-    Capabilities,
-    Capability,
-    Command,
-    FrameDecoder,
-    FrameEncoder,
-    Heartbeat,
-    Hello,
-    Mode,
-    Reset,
-    State,
-    StateFlag,
-)
+from deploy.messages import Capabilities, Capability, Command, Heartbeat, Hello, Mode, Reset, State, StateFlag
+from deploy.protocol import FrameDecoder, FrameEncoder
 from deploy.robot import RobotEnv
 from deploy.runtime import PolicyRuntime
 

@@ -40,17 +40,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from cobs import cobs
 
-from deploy.protocol import (
-    CRC,
-    HEADER,
-    MAX_ENCODED_SIZE,
-    MAX_PAYLOAD,
-    PROTOCOL_VERSION,
+from deploy.messages import (
     Capabilities,
     Command,
     EStop,
     Fault,
-    FrameDecoder,
     Heartbeat,
     Hello,
     Message,
@@ -59,8 +53,8 @@ from deploy.protocol import (
     ModeRequest,
     Reset,
     State,
-    encode_frame,
 )
+from deploy.protocol import CRC, HEADER, MAX_ENCODED_SIZE, MAX_PAYLOAD, PROTOCOL_VERSION, FrameDecoder, encode_frame
 
 DEFAULT_FRAMES = 1_000_000
 QUICK_FRAMES = 20_000

@@ -19,7 +19,7 @@ from controller.errors import ConfigError
 from controller.mapping import roll_pitch
 from controller.robot import RobotSpec
 from deploy.errors import LinkError
-from deploy.protocol import Capability
+from deploy.messages import Capability
 from deploy.robot import RobotEnv
 
 MAX_JOINT_STD = 0.01

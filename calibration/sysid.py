@@ -16,7 +16,7 @@ import numpy as np
 
 from calibration.files import CalibrationFile
 from controller.robot import RobotSpec
-from deploy.protocol import Command
+from deploy.messages import Command
 from deploy.robot import RobotEnv
 from sim.pybullet_robot import SimRobot
 from sim.tasks import Task

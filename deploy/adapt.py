@@ -22,7 +22,7 @@ from deploy.bundle import FULL_POLICY, MASTER, Bundle, load_bundle, next_version
 from deploy.control import run_episodes
 from deploy.errors import BundleError
 from deploy.export import load_policy_file, write_version_to
-from deploy.protocol import Capability
+from deploy.messages import Capability
 from deploy.robot import RobotEnv
 from deploy.runtime import PolicyRuntime
 

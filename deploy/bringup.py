@@ -17,7 +17,7 @@ import numpy as np
 
 from deploy.errors import LinkError
 from deploy.link import Link, LinkStats, handshake
-from deploy.protocol import Capabilities, Capability, Fault, Heartbeat
+from deploy.messages import Capabilities, Capability, Fault, Heartbeat
 
 # Words for the Capability bits, in bit order.
 CAPABILITY_WORDS = {

@@ -22,17 +22,8 @@ from types import TracebackType
 import serial
 
 from deploy.errors import LinkError, ProtocolError
-from deploy.protocol import (
-    PROTOCOL_VERSION,
-    Capabilities,
-    DecoderStats,
-    Fault,
-    FrameDecoder,
-    FrameEncoder,
-    Hello,
-    Message,
-    State,
-)
+from deploy.messages import Capabilities, Fault, Hello, Message, State
+from deploy.protocol import PROTOCOL_VERSION, DecoderStats, FrameDecoder, FrameEncoder
 
 try:  # POSIX only; elsewhere socket:// falls back to pyserial's one-byte reads
     import fcntl

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from controller.errors import ConfigError
 from deploy.errors import LinkError, ProtocolError
 from deploy.link import Link, handshake
-from deploy.protocol import Capabilities
+from deploy.messages import Capabilities
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from controller.mapping import (
 from controller.robot import RobotSpec
 from deploy.errors import DeployError, LinkError, ProtocolError
 from deploy.link import Link, handshake
-from deploy.protocol import (
+from deploy.messages import (
     Capabilities,
     Capability,
     Command,

@@ -25,15 +25,13 @@ import numpy as np
 
 from controller.mapping import quat_from_roll_pitch, quat_multiply, rotate_to_body
 from controller.robot import RobotSpec
-from deploy.protocol import (
+from deploy.messages import (
     Capabilities,
     Capability,
     Command,
     EStop,
     Fault,
     FaultCode,
-    FrameDecoder,
-    FrameEncoder,
     Heartbeat,
     Hello,
     Mode,
@@ -42,6 +40,7 @@ from deploy.protocol import (
     State,
     StateFlag,
 )
+from deploy.protocol import FrameDecoder, FrameEncoder
 from sim.emulator_link import FaultInjector, FaultSpec, Port, PtyPort, open_port
 from sim.pybullet_robot import SimRobot
 from sim.tasks import Task

@@ -18,7 +18,7 @@ import yaml
 
 from controller.robot import ROBOTS_DIR
 from deploy.link import Link
-from deploy.protocol import Mode, State
+from deploy.messages import Mode, State
 from tests.conftest import ROOT, metactl
 
 HELDOUT = str(ROOT / "configs" / "tasks" / "a1_heldout_slippery.yaml")

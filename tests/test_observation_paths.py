@@ -19,7 +19,8 @@ import controller.mapping
 import deploy.robot
 import sim.env
 from controller.mapping import LocomotionReward, ObservationMapping, RobotState
-from deploy.protocol import Mode, State, StateFlag, decode_frame, encode_frame
+from deploy.messages import Mode, State, StateFlag
+from deploy.protocol import decode_frame, encode_frame
 from deploy.robot import Calibration, RobotEnv
 from sim.env import LocomotionEnv
 from sim.tasks import Task

@@ -1,7 +1,7 @@
 /*
  * metactl serial protocol v1, robot side: CRC-32, COBS, frames and messages.
  *
- * The specification is docs/protocol.md; the reference codec is deploy/protocol.py, and
+ * The specification is docs/protocol.md; the reference codec is deploy/protocol.py (messages: deploy/messages.py), and
  * tests/deploy/test_firmware.py checks this file against it byte for byte.
  *
  * Portable C99: no malloc, no OS calls, fixed-size buffers, wire bytes read and written one by one

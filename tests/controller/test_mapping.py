@@ -264,7 +264,7 @@ def test_reward_perfect_tracking_and_no_torque_term():
 def test_roll_pitch_round_trip_and_imu_tilt_correction() -> None:
     from controller.mapping import quat_conjugate, quat_from_roll_pitch, quat_multiply, roll_pitch
     from controller.robot import load_robot_spec
-    from deploy.protocol import Mode, State
+    from deploy.messages import Mode, State
     from deploy.robot import Calibration, RobotEnv
 
     for roll, pitch in ((0.03, -0.02), (-0.4, 0.3), (0.0, 0.0)):

@@ -16,20 +16,8 @@ from cobs import cobs
 
 from deploy.bringup import LinkReport, LinkThresholds, assess_link, capability_words, check_link, format_report
 from deploy.errors import LinkError
-from deploy.protocol import (
-    CRC,
-    HEADER,
-    PROTOCOL_VERSION,
-    Capabilities,
-    Capability,
-    Fault,
-    FrameDecoder,
-    FrameEncoder,
-    Heartbeat,
-    Hello,
-    Mode,
-    State,
-)
+from deploy.messages import Capabilities, Capability, Fault, Heartbeat, Hello, Mode, State
+from deploy.protocol import CRC, HEADER, PROTOCOL_VERSION, FrameDecoder, FrameEncoder
 
 JOINTS = ("hip", "knee")
 

@@ -18,7 +18,8 @@ from controller.robot import load_robot_spec
 from deploy.control import run_episode
 from deploy.errors import LinkError
 from deploy.link import Link
-from deploy.protocol import FrameDecoder, FrameEncoder, Mode, Reset, State
+from deploy.messages import Mode, Reset, State
+from deploy.protocol import FrameDecoder, FrameEncoder
 from deploy.robot import RobotEnv
 from deploy.runtime import PolicyRuntime
 from sim.emulator import Emulator

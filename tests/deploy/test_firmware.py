@@ -21,16 +21,13 @@ import pytest
 from cobs import cobs
 
 from deploy.errors import ProtocolError
-from deploy.protocol import (
-    MAX_ENCODED_SIZE,
-    MAX_PAYLOAD,
+from deploy.messages import (
     Capabilities,
     Capability,
     Command,
     EStop,
     Fault,
     FaultCode,
-    FrameDecoder,
     Heartbeat,
     Hello,
     Message,
@@ -39,9 +36,8 @@ from deploy.protocol import (
     Reset,
     State,
     StateFlag,
-    decode_frame,
-    encode_frame,
 )
+from deploy.protocol import MAX_ENCODED_SIZE, MAX_PAYLOAD, FrameDecoder, decode_frame, encode_frame
 
 ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE = ROOT / "deploy" / "firmware"

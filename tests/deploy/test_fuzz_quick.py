@@ -7,7 +7,8 @@ import json
 import pytest
 
 from benchmarks.fuzz_decoder import CATEGORIES, Fuzzer, PoolEntry, build_pool, main, run_fuzz
-from deploy.protocol import MAX_ENCODED_SIZE, EStop, encode_frame
+from deploy.messages import EStop
+from deploy.protocol import MAX_ENCODED_SIZE, encode_frame
 
 
 def test_quick_fuzz_finds_no_exception_and_no_accepted_corruption() -> None:

@@ -16,14 +16,12 @@ import pytest
 
 from deploy.errors import LinkError, ProtocolError
 from deploy.link import Link, handshake
-from deploy.protocol import (
+from deploy.messages import (
     Capabilities,
     Capability,
     Command,
     EStop,
     Fault,
-    FrameDecoder,
-    FrameEncoder,
     Heartbeat,
     Hello,
     Mode,
@@ -31,6 +29,7 @@ from deploy.protocol import (
     Reset,
     State,
 )
+from deploy.protocol import FrameDecoder, FrameEncoder
 
 JOINTS = ("hip", "knee")
 

@@ -11,16 +11,12 @@ import pytest
 from cobs import cobs
 
 from deploy.errors import LinkError, ProtocolError
-from deploy.protocol import (
-    MAX_ENCODED_SIZE,
-    MAX_PAYLOAD,
+from deploy.messages import (
     Capabilities,
     Capability,
     Command,
     EStop,
     Fault,
-    FrameDecoder,
-    FrameEncoder,
     Heartbeat,
     Hello,
     Mode,
@@ -28,9 +24,8 @@ from deploy.protocol import (
     Reset,
     State,
     StateFlag,
-    decode_frame,
-    encode_frame,
 )
+from deploy.protocol import MAX_ENCODED_SIZE, MAX_PAYLOAD, FrameDecoder, FrameEncoder, decode_frame, encode_frame
 
 NAN3 = [np.nan, np.nan, np.nan]
 

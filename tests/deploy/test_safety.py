@@ -18,7 +18,7 @@ import pytest
 
 from controller.robot import load_robot_spec
 from deploy.control import run_episode
-from deploy.protocol import Capabilities, Capability, Mode, ModeRequest, State
+from deploy.messages import Capabilities, Capability, Mode, ModeRequest, State
 from deploy.robot import RobotEnv, tick_newer
 from deploy.runtime import PolicyRuntime
 from sim.emulator import Emulator, SensorErrors
@@ -300,7 +300,7 @@ def test_watchdog_trip_is_counted_and_recovered(spec, emulator) -> None:
 
 def test_targets_stay_within_torque_reach_of_the_measured_pose(spec) -> None:
     """kp * |target - measured| never asks for more than the torque limit."""
-    from deploy.protocol import State
+    from deploy.messages import State
 
     env = RobotEnv("loop://", spec, max_target_step=10.0)
     measured = np.array(spec.default_pose)
