@@ -13,18 +13,23 @@ initial log std. Known differences: SB3 standardizes advantages per minibatch (o
 updates its observation statistics every step (ours after each update).
 
 Each side runs in its fastest configuration here, picked by a short pilot in the same run (ours:
-sampler backend x env copies x torch threads; SB3: DummyVecEnv / SubprocVecEnv x env copies x torch
-threads). The env limit is `LocomotionEnv.step` with random actions in 2 independent processes at once
-(no sampler, no policy), also measured in this run, before and after the training runs.
+sampler backend x env copies x torch threads, the backends being "worker" (each worker process runs
+the policy on its env copy and returns a whole rollout per iteration), "process" (the policy runs in
+the main process, one message pair per step) and "inline"; SB3: DummyVecEnv / SubprocVecEnv x env
+copies x torch threads). The env limit is `LocomotionEnv.step` with random actions in 2 independent
+processes at once (no sampler, no policy), also measured in this run, before and after the training
+runs.
 
 Reported: training env steps/s (wall time of the whole training loop, updates included, env
 construction excluded), speedup = ours / SB3, fraction_of_env_limit = ours / env limit, and for each
 side the mean return of its last completed training episodes and of a few deterministic evaluation
 episodes on the same task (same reset seeds). Timings on a shared machine: the 1-minute load average
-is recorded at the start and the end, and the main process's CPU time per env step is reported beside
-the wall-clock rates (in the single-process configurations it covers all the work, env included, and
-moves far less with background load than wall time does). Prints a Markdown table, then the JSON object as the last line
-(`--json`: the JSON line alone).
+is recorded at the start and the end, and CPU time per env step is reported beside the wall-clock
+rates, of the main process and of all processes (main + env workers, from /proc on Linux), with the
+critical-path rate (`_cpu_stats`): CPU time moves far less with background load than wall time does,
+so each side's best critical-path rate in the pilot, against the other's and against the env
+limit's, gives load-robust companions of speedup and fraction_of_env_limit. Prints a Markdown table,
+then the JSON object as the last line (`--json`: the JSON line alone).
 
 Needs the `bench` extra (installs nothing at run time): pip install -c constraints.txt -e ".[bench]"
 """
@@ -64,10 +69,43 @@ NUM_RECENT_EPISODES = 10
 """Training episodes averaged for the final training return."""
 EVAL_SEED = 10_000
 TARGETS = {"speedup": 2.0, "fraction_of_env_limit": 0.6}
-OUR_CANDIDATES = [("process", 2, 1), ("process", 2, 2), ("process", 4, 1), ("inline", 1, 1)]
+ENV_LIMIT_PROCESSES = 2
+"""Processes stepping their own env at once for the env limit."""
+OUR_CANDIDATES = [("worker", 2, 1), ("process", 2, 1), ("process", 4, 1), ("inline", 1, 1)]
 """(sampler backend, env copies, torch threads)."""
 SB3_CANDIDATES = [("subproc", 2, 1), ("subproc", 2, 2), ("subproc", 4, 1), ("dummy", 1, 1), ("dummy", 1, 2)]
 """(vec env, env copies, torch threads)."""
+
+
+def _worker_cpu_seconds(processes: list[Any]) -> np.ndarray:
+    """User + system CPU seconds so far of each live worker process (Linux /proc; 0 elsewhere)."""
+    seconds = np.zeros(len(processes))
+    for index, process in enumerate(processes):
+        try:
+            with open(f"/proc/{process.pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        seconds[index] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return seconds
+
+
+def _cpu_stats(steps: int, main_seconds: float, worker_seconds: np.ndarray) -> dict[str, float]:
+    """CPU per env step (main process; all processes) and the critical-path rate.
+
+    The critical path: the main process and the env workers take turns (every configuration here is
+    synchronous: SB3 and the process backend per step, the worker backend per iteration), and the
+    workers share the cores, so an idle machine needs at least main + max(busiest worker, all workers
+    / cores) seconds. steps / that is what the configuration would reach with the cores to itself and
+    free message passing: an upper bound that background load moves far less than wall time.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busiest = max(float(worker_seconds.max(initial=0.0)), float(worker_seconds.sum()) / cores)
+    return {
+        "main_cpu_us_per_step": 1e6 * main_seconds / steps,
+        "cpu_us_per_step": 1e6 * (main_seconds + float(worker_seconds.sum())) / steps,
+        "critical_path_steps_per_s": steps / (main_seconds + busiest),
+    }
 
 
 def our_config(total_steps: int, backend: str, num_envs: int) -> training.TrainConfig:
@@ -103,15 +141,20 @@ def train_ours(total_steps: int, backend: str, num_envs: int, threads: int) -> d
             trainer = MLSHTrainer(
                 policy, envs, lambda rng: distribution.sample_tasks(1, rng)[0], config.mlsh, run_dir, config.seed
             )
-            ended: list[tuple[float, float]] = []
-            start, cpu_start = time.perf_counter(), time.process_time()
+            workers = list(getattr(envs, "processes", []))  # process and worker backends
+            ended: list[tuple[float, float, float]] = []
+            start, cpu_start, workers_start = time.perf_counter(), time.process_time(), _worker_cpu_seconds(workers)
             trainer.train(
-                progress=False, on_group_end=lambda _: ended.append((time.perf_counter(), time.process_time()))
+                progress=False,
+                on_group_end=lambda _: ended.append(
+                    (time.perf_counter(), time.process_time(), _worker_cpu_seconds(workers))
+                ),
             )
         finally:
             envs.close()
             run_dir.close()
-    seconds, cpu_seconds = ended[0][0] - start, ended[0][1] - cpu_start
+    seconds, cpu_seconds, worker_cpu_seconds = ended[0][0] - start, ended[0][1] - cpu_start, ended[0][2] - workers_start
+    cpu = _cpu_stats(trainer.total_steps, cpu_seconds, worker_cpu_seconds)
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
@@ -122,7 +165,7 @@ def train_ours(total_steps: int, backend: str, num_envs: int, threads: int) -> d
         "steps": trainer.total_steps,
         "seconds": seconds,
         "steps_per_s": trainer.total_steps / seconds,
-        "main_cpu_us_per_step": 1e6 * cpu_seconds / trainer.total_steps,
+        **cpu,
         "recent_returns": list(trainer.recent_returns)[-NUM_RECENT_EPISODES:],
         "act": act,
     }
@@ -174,9 +217,11 @@ def train_sb3(total_steps: int, vec: str, num_envs: int, threads: int) -> dict[s
             device="cpu",
             verbose=0,
         )
-        start, cpu_start = time.perf_counter(), time.process_time()
+        workers = list(getattr(venv.venv, "processes", []))  # SubprocVecEnv
+        start, cpu_start, workers_start = time.perf_counter(), time.process_time(), _worker_cpu_seconds(workers)
         model.learn(total_timesteps=total_steps)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        cpu = _cpu_stats(model.num_timesteps, cpu_seconds, _worker_cpu_seconds(workers) - workers_start)
     finally:
         venv.close()
     venv.training = False
@@ -188,7 +233,7 @@ def train_sb3(total_steps: int, vec: str, num_envs: int, threads: int) -> dict[s
         "steps": model.num_timesteps,
         "seconds": seconds,
         "steps_per_s": model.num_timesteps / seconds,
-        "main_cpu_us_per_step": 1e6 * cpu_seconds / model.num_timesteps,
+        **cpu,
         "recent_returns": [info["r"] for info in model.ep_info_buffer][-NUM_RECENT_EPISODES:],
         "act": act,
     }
@@ -228,7 +273,7 @@ def _env_limit_worker(num_steps: int, seed: int, barrier: Any, results: Any) -> 
     env.close()
 
 
-def env_limit(num_steps: int, num_processes: int = 2) -> tuple[float, float]:
+def env_limit(num_steps: int, num_processes: int = ENV_LIMIT_PROCESSES) -> tuple[float, float]:
     """Env steps/s of `num_processes` processes stepping their own env with random actions at once, and
     the CPU microseconds one env step takes (mean over the processes)."""
     context = multiprocessing.get_context("spawn")
@@ -264,8 +309,8 @@ def sampler_limit(num_steps: int, num_envs: int = 2) -> float:
 
 
 def pilot(total_steps: int) -> dict[str, dict[str, dict[str, float]]]:
-    """Steps/s and main-process CPU per step of every candidate configuration on a short run, ours
-    and SB3's interleaved.
+    """Steps/s and CPU per step (main process; all processes) of every candidate configuration on a
+    short run, ours and SB3's interleaved.
 
     Two rounds, keeping each candidate's best: the second round re-measures only the candidates
     within half of their side's best, so a configuration that collapses under load is run once.
@@ -282,10 +327,16 @@ def pilot(total_steps: int) -> dict[str, dict[str, dict[str, float]]]:
                 if round_index and rates[name]["steps_per_s"] < 0.5 * best:
                     continue
                 measured = run(total_steps, *candidates[index])
-                previous = rates.get(name, {"steps_per_s": 0.0, "main_cpu_us_per_step": float("inf")})
+                previous = rates.get(name, {})
                 rates[name] = {
-                    "steps_per_s": max(previous["steps_per_s"], measured["steps_per_s"]),
-                    "main_cpu_us_per_step": min(previous["main_cpu_us_per_step"], measured["main_cpu_us_per_step"]),
+                    **{
+                        key: max(previous.get(key, 0.0), measured[key])
+                        for key in ("steps_per_s", "critical_path_steps_per_s")
+                    },
+                    **{
+                        key: min(previous.get(key, float("inf")), measured[key])
+                        for key in ("main_cpu_us_per_step", "cpu_us_per_step")
+                    },
                 }
     return results
 
@@ -329,6 +380,16 @@ def markdown(results: dict[str, Any]) -> str:
             number(sb3["main_cpu_us_per_step"], 0),
         ),
         (
+            "all-process CPU µs per env step (main + env workers)",
+            number(ours["cpu_us_per_step"], 0),
+            number(sb3["cpu_us_per_step"], 0),
+        ),
+        (
+            "critical-path env steps/s (CPU bound for an idle machine)",
+            number(ours["critical_path_steps_per_s"], 0),
+            number(sb3["critical_path_steps_per_s"], 0),
+        ),
+        (
             f"return, last {NUM_RECENT_EPISODES} training episodes",
             number(results["our_final_return"]),
             number(results["sb3_final_return"]),
@@ -358,18 +419,26 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['fraction_of_env_limit']:.2f} | >= {TARGETS['fraction_of_env_limit']} |",
         f"| ours / process sampler with random actions ({number(results['sampler_limit_steps_per_s'], 0)} "
         f"steps/s) | {results['fraction_of_sampler_limit']:.2f} | |",
+        f"| all-process CPU per env step, SB3 / ours | {results['cpu_ratio']:.2f} | |",
+        "| critical-path speedup, best in the pilot (ours {} / SB3 {}) | {:.2f} | |".format(
+            *results["critical_path_configs"], results["critical_path_speedup"]
+        ),
+        f"| critical-path fraction of the env limit's ({ENV_LIMIT_PROCESSES} x 1e6 / env CPU µs per step), "
+        f"best in the pilot | {results['critical_path_fraction_of_env_limit']:.2f} | |",
         f"| CPU per env step, SB3 dummy-1 / ours inline-1 (pilot) | {results['single_process_cpu_ratio']:.2f} | |",
         "",
         f"One env step alone (random actions) takes {number(results['env_cpu_us_per_step'], 0)} CPU µs; in the "
         "inline and dummy configurations the main process does all the work.",
         "",
-        f"| pilot, {results['pilot']['steps']} steps | configuration | steps/s | main-process CPU µs per env step |",
-        "|---|---|---:|---:|",
+        f"| pilot, {results['pilot']['steps']} steps | configuration | steps/s | CPU µs per env step, main process "
+        "| all processes | critical-path steps/s |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for side, label in (("ours", "ours"), ("sb3", "SB3")):
         for name, rate in results["pilot"][side].items():
             lines.append(
-                f"| {label} | {name} | {number(rate['steps_per_s'], 0)} | {number(rate['main_cpu_us_per_step'], 0)} |"
+                f"| {label} | {name} | {number(rate['steps_per_s'], 0)} | {number(rate['main_cpu_us_per_step'], 0)} "
+                f"| {number(rate['cpu_us_per_step'], 0)} | {number(rate['critical_path_steps_per_s'], 0)} |"
             )
     return "\n".join(lines)
 
@@ -389,6 +458,12 @@ def measure(total_steps: int, limit_steps: int, eval_episodes: int) -> dict[str,
         sides[name] = {"config": choice, **run, "eval_returns": returns, "eval_std": float(np.std(returns))}
     ours, sb3 = sides["ours"], sides["sb3"]
     limit = (env_limit_before + env_limit_after) / 2
+    critical = {
+        side: max(
+            ((name, rate["critical_path_steps_per_s"]) for name, rate in pilots[side].items()), key=lambda x: x[1]
+        )
+        for side in pilots
+    }
     return {
         "load_avg_end": load_end,
         "speedup": ours["steps_per_s"] / sb3["steps_per_s"],
@@ -404,6 +479,14 @@ def measure(total_steps: int, limit_steps: int, eval_episodes: int) -> dict[str,
         "env_cpu_us_per_step": (env_cpu_before + env_cpu_after) / 2,
         "sampler_limit_steps_per_s": sampler,
         "fraction_of_sampler_limit": ours["steps_per_s"] / sampler,
+        "cpu_ratio": sb3["cpu_us_per_step"] / ours["cpu_us_per_step"],
+        # Load-robust companions of speedup and fraction_of_env_limit: each side's best critical-path rate in
+        # the pilot (see _cpu_stats) against each other and against the env limit's own (ENV_LIMIT_PROCESSES
+        # processes, each 1e6 / env CPU us per step).
+        "critical_path_configs": [name for name, _ in critical.values()],
+        "critical_path_speedup": critical["ours"][1] / critical["sb3"][1],
+        "critical_path_fraction_of_env_limit": critical["ours"][1]
+        / (ENV_LIMIT_PROCESSES * 1e6 / ((env_cpu_before + env_cpu_after) / 2)),
         # Load-robust companion of the speedup: CPU per env step of the single-process configurations, where
         # the main process does everything (env included); SB3's over ours.
         "single_process_cpu_ratio": pilots["sb3"]["dummy-1 threads-1"]["main_cpu_us_per_step"]

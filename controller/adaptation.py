@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from controller.errors import ConfigError
 from controller.policies import MLSHPolicy
 from controller.ppo import PPOConfig, compute_gae, ppo_update
+
+BASELINES = ("critic", "episodes")
+"""Valid `AdaptConfig.baseline` values."""
 
 
 @dataclass
@@ -49,9 +53,18 @@ class AdaptConfig:
     """Few-episode update settings."""
 
     gamma: float = 0.9
-    """Discount per macro-step (master) ."""
+    """Discount per macro-step (master)."""
     lam: float = 0.95
-    """GAE lambda."""
+    """GAE lambda (baseline "critic" and fine-tuning)."""
+    baseline: str = "critic"
+    """What the master's advantages are measured against: "critic" (GAE with the master's own
+    critic) or "episodes" (the macro-level return-to-go minus its mean over the K episodes at the
+    same decision index: no critic needed, the right choice for a freshly initialized master whose
+    critic knows nothing of the task; with K = 1 every advantage is 0)."""
+    update_normalizer: bool = True
+    """Merge the decision observations into the master's normalizer after the update. Turn off
+    for a freshly initialized master: its normalizer holds no statistics yet, and those of a few
+    decisions would rescale the inputs the update was just fitted to."""
     ppo: PPOConfig = field(
         default_factory=lambda: PPOConfig(
             learning_rate=3e-3, epochs=20, num_minibatches=1, clip_ratio=0.2, target_kl=0.05, entropy_coef=0.0
@@ -65,6 +78,10 @@ class AdaptConfig:
     )
     """PPO for the fine-tune-all baseline."""
 
+    def __post_init__(self) -> None:
+        if self.baseline not in BASELINES:
+            raise ConfigError(f"adapt baseline {self.baseline!r} unknown; valid: {', '.join(BASELINES)}")
+
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
@@ -73,33 +90,44 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def macro_batch(policy: MLSHPolicy, episodes: list[Episode], config: AdaptConfig) -> dict[str, torch.Tensor]:
-    """Master transitions (decision obs, option, rollout log-prob, GAE advantages) from episodes."""
-    obs, options, log_probs, advantages, returns = [], [], [], [], []
+    """Master transitions (decision obs, option, rollout log-prob, advantages, returns) from episodes.
+
+    Advantages are GAE with the master's critic (`config.baseline == "critic"`) or, for "episodes",
+    R_i - mean_j R_j over the episodes j that reach decision index i, where R_i is the discounted
+    macro-level return-to-go, R_i = sum_{m >= i} gamma^(m - i) r_m.
+    """
+    obs, options, log_probs, rewards_per_episode, values_per_episode, ends = [], [], [], [], [], []
     for episode in episodes:
         starts = [t for t, chose in enumerate(episode.chose) if chose]
         if not starts:
             continue
-        ends = starts[1:] + [episode.length]
-        rewards = np.array([np.sum(episode.rewards[a:b]) for a, b in zip(starts, ends)])
+        stops = starts[1:] + [episode.length]
+        rewards_per_episode.append(np.array([np.sum(episode.rewards[a:b]) for a, b in zip(starts, stops)]))
         decision_obs = torch.as_tensor(np.stack([episode.obs[t] for t in starts]), dtype=torch.float32)
         with torch.no_grad():
-            values = policy.master.value(decision_obs).numpy()
-        next_values = np.append(values[1:], 0.0)
-        terminated = np.zeros(len(starts), dtype=bool)
-        truncated = np.zeros(len(starts), dtype=bool)
-        if episode.terminated:
-            terminated[-1] = True
-        else:
-            truncated[-1] = True
-            next_values[-1] = values[-1]  # time limit: bootstrap from the last decision's value
-        adv, ret = compute_gae(rewards, values, next_values, terminated, truncated, config.gamma, config.lam)
+            values_per_episode.append(policy.master.value(decision_obs).numpy())
+        ends.append(episode.terminated)
         log_probs += [_log_softmax(episode.logits[t])[episode.options[t]] for t in starts]
         obs.append(decision_obs)
         options += [episode.options[t] for t in starts]
-        advantages.append(adv)
-        returns.append(ret)
     if not obs:
         raise ValueError("no complete episode to learn from")
+    if config.baseline == "episodes":
+        advantages, returns = _episode_baseline(rewards_per_episode, config.gamma)
+    else:
+        advantages, returns = [], []
+        for rewards, values, terminated in zip(rewards_per_episode, values_per_episode, ends):
+            next_values = np.append(values[1:], 0.0)
+            is_terminated = np.zeros(len(rewards), dtype=bool)
+            is_truncated = np.zeros(len(rewards), dtype=bool)
+            if terminated:
+                is_terminated[-1] = True
+            else:
+                is_truncated[-1] = True
+                next_values[-1] = values[-1]  # time limit: bootstrap from the last decision's value
+            adv, ret = compute_gae(rewards, values, next_values, is_terminated, is_truncated, config.gamma, config.lam)
+            advantages.append(adv)
+            returns.append(ret)
     return {
         "obs": torch.cat(obs),
         "actions": torch.as_tensor(options, dtype=torch.long),
@@ -109,13 +137,34 @@ def macro_batch(policy: MLSHPolicy, episodes: list[Episode], config: AdaptConfig
     }
 
 
+def _episode_baseline(rewards_per_episode: list[np.ndarray], gamma: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per episode: advantages R_i - mean_j R_j (over episodes reaching index i) and returns-to-go R_i."""
+    returns = []
+    for rewards in rewards_per_episode:
+        to_go = np.zeros(len(rewards))
+        running = 0.0
+        for i in range(len(rewards) - 1, -1, -1):  # R_i = r_i + gamma R_{i+1}
+            running = rewards[i] + gamma * running
+            to_go[i] = running
+        returns.append(to_go)
+    longest = max(len(to_go) for to_go in returns)
+    sums, counts = np.zeros(longest), np.zeros(longest)
+    for to_go in returns:
+        sums[: len(to_go)] += to_go
+        counts[: len(to_go)] += 1
+    mean = sums / counts
+    return [to_go - mean[: len(to_go)] for to_go in returns], returns
+
+
 def update_master(policy: MLSHPolicy, episodes: list[Episode], config: AdaptConfig, seed: int = 0) -> dict[str, float]:
-    """MLSH adaptation: one trust-region PPO update of the master only; its normalizer moves afterwards."""
+    """MLSH adaptation: one trust-region PPO update of the master only; its normalizer moves afterwards
+    (unless `config.update_normalizer` is off)."""
     batch = macro_batch(policy, episodes, config)
     optimizer = torch.optim.Adam(policy.master.parameters(), lr=config.ppo.learning_rate)
     generator = torch.Generator().manual_seed(seed)
     stats = ppo_update(policy.master.evaluate, policy.master.parameters(), optimizer, batch, config.ppo, generator)
-    policy.master.update_normalizer(batch["obs"])
+    if config.update_normalizer:
+        policy.master.update_normalizer(batch["obs"])
     return stats
 
 

@@ -1,12 +1,14 @@
-"""MLSH trainer (Frans et al. 2017): per sampled task a fresh master, W warm-up iterations that
-update the master only, then U joint iterations that update master and shared sub-policies.
+"""MLSH trainer (Frans et al. 2017): per sampled task a fresh master (or one started from a
+meta-learned initialization), W warm-up iterations that update the master only, then U joint
+iterations that update master and shared sub-policies.
 
 The trainer knows no simulator: it is handed a Gymnasium vector env (with `set_task` reachable
 through `envs.call`) and a task sampler.
 
-Rollouts run on frozen copies of the networks with each actor and critic fused into one MLP
-(`FusedMLP`), under `torch.inference_mode`, with the iteration's sampling noise drawn up front and
-the per-step bookkeeping done on preallocated [T, E] arrays. PPO evaluates each row with its own
+Rollouts (`collect_segment`) run on frozen copies of the networks with each actor and critic fused
+into one MLP (`FusedMLP`), under `torch.inference_mode`, with the iteration's sampling noise drawn up
+front and the per-step bookkeeping done on preallocated [T, E] arrays, here or, when the vector env is
+a `RolloutCollector` (sampler backend "worker"), in its worker processes. PPO evaluates each row with its own
 sub-policy only. The sampled distributions are those of `MLSHPolicy.sub_act` and
 `CategoricalMLPPolicy.act`. With one sub-policy the master has nothing to choose, so it is neither
 run nor trained: MLSH with K = 1 is domain-randomized PPO.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from controller.errors import ConfigError
 from controller.policies import MLSHPolicy
 from controller.ppo import PPOConfig, compute_gae, ppo_update
-from controller.rollout import RolloutNetworks, by_option, gaussian_log_prob
+from controller.rollout import RolloutCollector, RolloutNetworks, StepFn, by_option, collect_segment, gaussian_log_prob
 from controller.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -37,6 +41,8 @@ logger = logging.getLogger(__name__)
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 NUM_RECENT_RETURNS = 100
 """Completed-episode returns kept in `MLSHTrainer.recent_returns`."""
+MASTER_INITS = ("reset", "keep", "meta")
+"""Valid `MLSHConfig.master_init` values."""
 
 
 @dataclass
@@ -61,12 +67,38 @@ class MLSHConfig:
     """GAE lambda per macro-step (master)."""
     master_epsilon: float = 0.1
     """Share of master choices drawn uniformly at random, for exploration."""
-    reset_master: bool = True
-    """Re-initialize the master for each task (False keeps one master across tasks)."""
+    master_init: str = "reset"
+    """Where each task group's master starts: "reset" (freshly initialized weights and normalizer,
+    as in Frans et al.), "keep" (the previous group's trained master) or "meta" (a meta-learned
+    initialization, Reptile-style: every group starts from it, and after the group it moves toward
+    the trained master by `master_meta_step`). A new task at meta-test starts the same way."""
+    master_meta_step: float = 0.1
+    """Reptile step of `master_init: meta`: init <- init + step * (trained master - init), in (0, 1]."""
+    reset_master: bool | None = None
+    """Deprecated spelling of `master_init` kept for configs written before it: True means "reset",
+    False "keep"; resolved into `master_init` (and cleared) when the config is built."""
     master_ppo: PPOConfig = field(default_factory=lambda: PPOConfig(learning_rate=1e-3, num_minibatches=2))
     """PPO on macro-steps for the master."""
     sub_ppo: PPOConfig = field(default_factory=PPOConfig)
     """PPO on control steps for the sub-policies."""
+
+    def __post_init__(self) -> None:
+        if self.reset_master is not None:
+            implied = "reset" if self.reset_master else "keep"
+            if self.master_init not in ("reset", implied):
+                raise ConfigError(
+                    f"mlsh.reset_master = {self.reset_master} contradicts mlsh.master_init = '{self.master_init}'; "
+                    "set master_init only"
+                )
+            warnings.warn(
+                f"mlsh.reset_master is deprecated; use mlsh.master_init: {implied}", DeprecationWarning, stacklevel=3
+            )
+            self.master_init, self.reset_master = implied, None
+        if self.master_init not in MASTER_INITS:
+            raise ConfigError(f"mlsh.master_init '{self.master_init}' unknown; valid: {', '.join(MASTER_INITS)}")
+        step = self.master_meta_step
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step <= 1.0:
+            raise ConfigError(f"mlsh.master_meta_step must be in (0, 1], got {self.master_meta_step!r}")
 
     @property
     def iterations_per_group(self) -> int:
@@ -102,11 +134,28 @@ class MLSHTrainer:
         self.num_metric_rows = 0
         self._episode_returns = np.zeros(self.num_envs)
         self.wall_time_s = 0.0
+        # master_init "meta": the meta-learned master (weights and normalizer), set at the first group.
+        self.master_init_state: dict[str, Tensor] | None = None
         # Returns of the latest completed episodes, oldest first (diagnostics; not checkpointed).
         self.recent_returns: deque[float] = deque(maxlen=NUM_RECENT_RETURNS)
 
     def _new_master_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.policy.master.parameters(), lr=self.config.master_ppo.learning_rate)
+
+    def start_master(self, policy: MLSHPolicy | None = None, generator: torch.Generator | None = None) -> None:
+        """Put a master where a new task starts, by `config.master_init` (the meta-test does the same).
+
+        Args:
+            policy: Whose master to set; default the trained policy (a copy for a meta-test task).
+            generator: Random source of a "reset" master's weights.
+        """
+        policy = self.policy if policy is None else policy
+        if self.config.master_init == "reset":
+            policy.reset_master(generator)
+        elif self.config.master_init == "meta":
+            if self.master_init_state is None:
+                raise RuntimeError("master_init 'meta' has no initialization before the first task group")
+            policy.load_master_state_dict(self.master_init_state)
 
     # -- checkpointing ---------------------------------------------------------------------
 
@@ -121,6 +170,7 @@ class MLSHTrainer:
             "num_metric_rows": self.num_metric_rows,
             "rng": _rng_to_tensor(self.rng),
             "wall_time_s": self.wall_time_s,
+            "master_init": self.master_init_state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -133,6 +183,8 @@ class MLSHTrainer:
         self.num_metric_rows = int(state["num_metric_rows"])
         self.rng = _rng_from_tensor(state["rng"])
         self.wall_time_s = float(state.get("wall_time_s", 0.0))
+        master_init = state.get("master_init")
+        self.master_init_state = None if master_init is None else {k: v.clone() for k, v in master_init.items()}
 
     def resume_if_possible(self) -> bool:
         """Continue from the run directory's checkpoint, dropping metrics logged after it."""
@@ -157,8 +209,11 @@ class MLSHTrainer:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.group)
             task = self.sample_task(self.rng)
             self.envs.call("set_task", task)
-            if config.reset_master:
-                self.policy.reset_master(generator)
+            if self.master_init_state is None and config.master_init == "meta":
+                self.policy.reset_master(generator)  # the first group's fresh master is the first init
+                self.master_init_state = self.policy.master_state_dict()
+            self.start_master(generator=generator)
+            if config.master_init != "keep":
                 self.master_optimizer = self._new_master_optimizer()
             obs, _ = self.envs.reset(seed=int(self.rng.integers(2**31)))
             self._episode_returns = np.zeros(self.num_envs)
@@ -177,6 +232,10 @@ class MLSHTrainer:
                 bar.update(1)
                 if "episode_return" in stats:
                     bar.set_postfix(ret=f"{stats['episode_return']:.1f}", group=self.group)
+            if config.master_init == "meta":
+                self.master_init_state = reptile_step(
+                    self.master_init_state, self.policy.master_state_dict(), config.master_meta_step
+                )
             self.group += 1
             self.run_dir.save_checkpoint(self.state_dict())
             if on_group_end is not None:
@@ -184,95 +243,34 @@ class MLSHTrainer:
         bar.close()
         self.run_dir.plot_learning_curve()
 
-    @torch.inference_mode()
     def _collect(self, obs: np.ndarray, num_steps: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Roll the vector env forward `num_steps` per copy; returns the next obs and the data.
 
+        The rollout runs here over the whole vector env, or, for a vector env that collects rollouts
+        itself (a `RolloutCollector`, e.g. sampler backend "worker"), in its workers: the same
+        segments for the same seed either way.
+
         Returns:
-            The next observations [E, obs_dim] and the rollout: time-major arrays [T, E, ...] of the
-            steps (obs, option, action, log_prob, value, next_value, reward, terminated, truncated,
-            next_obs) and of the master's macro-steps (decided: a macro-step starts here, with its
-            master_log_prob and master_value; closed: it ends after this step), plus
-            finished_returns and num_steps.
+            The next observations [E, obs_dim] and the rollout: the arrays of `collect_segment`
+            [T, E, ...] (episode_return replaced by finished_returns, in time order) and num_steps.
         """
-        policy, num_envs, num_options = self.policy, self.num_envs, self.policy.num_subpolicies
-        nets = RolloutNetworks(policy)
-        use_master = num_options > 1
-        shape = (num_steps, num_envs)
-        data = {
-            "obs": np.empty((*shape, obs.shape[-1]), np.float32),
-            "next_obs": np.empty((*shape, obs.shape[-1]), np.float32),
-            "option": np.zeros(shape, np.int64),
-            "action": np.empty((*shape, policy.act_dim), np.float32),
-            "mean": np.empty((*shape, policy.act_dim), np.float32),
-            "value": np.empty(shape, np.float32),
-            "reward": np.empty(shape, np.float64),
-            "terminated": np.empty(shape, bool),
-            "truncated": np.empty(shape, bool),
-            "decided": np.zeros(shape, bool),
-            "closed": np.zeros(shape, bool),
-            "master_log_prob": np.zeros(shape, np.float32),
-            "master_value": np.zeros(shape, np.float32),
-        }
+        policy = self.policy
+        shape = (num_steps, self.num_envs)
         # All sampling randomness of the iteration in two draws from the (per-group seeded) global RNG.
         noise = torch.randn(*shape, policy.act_dim).numpy()
-        uniforms = torch.rand(*shape, 3, dtype=torch.float64).numpy() if use_master else None
-        std = nets.log_std.exp().numpy()  # [K, act_dim]
-        options = np.zeros(num_envs, np.int64)
-        macro_length = np.zeros(num_envs, np.int64)
-        is_open = np.zeros(num_envs, bool)  # every copy starts a macro-step at the rollout's first step
-        episode_returns = self._episode_returns
-        finished: list[float] = []
-        for t in range(num_steps):
-            obs_t = torch.as_tensor(obs, dtype=torch.float32)  # no copy for a float32 env
-            if use_master and not is_open.all():
-                decide = ~is_open
-                chosen, data["master_log_prob"][t], data["master_value"][t] = nets.choose(
-                    obs_t, uniforms[t], self.config.master_epsilon
+        uniforms = torch.rand(*shape, 3, dtype=torch.float64).numpy() if policy.num_subpolicies > 1 else None
+        settings = {"macro_steps": self.macro_steps, "epsilon": self.config.master_epsilon}
+        if isinstance(self.envs, RolloutCollector):
+            obs, data = self.envs.collect_rollout(policy, obs, noise, uniforms, self._episode_returns, **settings)
+        else:
+            with torch.inference_mode():
+                nets = RolloutNetworks(policy)
+                obs, data = collect_segment(
+                    nets, _vector_step(self.envs), obs, noise, uniforms, self._episode_returns, **settings
                 )
-                options = np.where(decide, chosen, options)
-                data["decided"][t] = decide
-                macro_length[decide] = 0
-                is_open[:] = True
-            mean, value = nets.sub(obs_t, options)
-            mean = mean.numpy()
-            action = mean + std[options] * noise[t]
-            # Stored before stepping: a vector env built with copy=False reuses its observation array.
-            data["obs"][t] = obs
-            data["option"][t] = options
-            data["action"][t] = action
-            data["mean"][t] = mean
-            data["value"][t] = value.numpy()
-            next_obs, reward, terminated, truncated, info = self.envs.step(action)
-            data["next_obs"][t] = next_obs
-            data["reward"][t] = reward
-            data["terminated"][t] = terminated
-            data["truncated"][t] = truncated
-            done = terminated | truncated
-            episode_returns += reward
-            if done.any():
-                for e in np.flatnonzero(done):
-                    data["next_obs"][t, e] = info["final_obs"][e]  # the state before the autoreset
-                    finished.append(float(episode_returns[e]))
-                    episode_returns[e] = 0.0
-            if use_master:
-                macro_length += 1
-                data["closed"][t] = closed = (macro_length >= self.macro_steps) | done
-                is_open &= ~closed
-            obs = next_obs
-        # The rollout boundary cuts GAE like a time limit (bootstrap from V(next obs)) and closes every macro-step.
-        data["truncated"][-1] = True
-        data["closed"][-1] = True
-        self._episode_returns = episode_returns
-
-        log_std = nets.log_std[torch.from_numpy(data["option"])]
-        data["log_prob"] = gaussian_log_prob(
-            torch.from_numpy(data["action"]), torch.from_numpy(data.pop("mean")), log_std
-        ).numpy()
-        next_obs_t = torch.from_numpy(data["next_obs"]).reshape(num_steps * num_envs, -1)
-        data["next_value"] = nets.sub(next_obs_t, data["option"].reshape(-1))[1].reshape(shape).numpy()
-        data["finished_returns"] = finished
-        data["num_steps"] = num_steps * num_envs
+        episode_return = data.pop("episode_return")
+        data["finished_returns"] = episode_return[~np.isnan(episode_return)].tolist()  # time-major order
+        data["num_steps"] = num_steps * self.num_envs
         return obs, data
 
     def _update(self, rollout: dict[str, Any], joint: bool, generator: torch.Generator) -> dict[str, float]:
@@ -399,6 +397,29 @@ class MLSHTrainer:
             "advantages": flat(advantages),
             "returns": flat(returns),
         }
+
+
+def _vector_step(envs: gym.vector.VectorEnv) -> StepFn:
+    """`collect_segment`'s step over a SAME_STEP-autoreset vector env."""
+
+    def step(actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+        next_obs, reward, terminated, truncated, info = envs.step(actions)
+        done = terminated | truncated
+        final_obs = {int(e): info["final_obs"][e] for e in np.flatnonzero(done)} if done.any() else {}
+        return next_obs, reward, terminated, truncated, final_obs
+
+    return step
+
+
+def reptile_step(init: dict[str, Tensor], trained: dict[str, Tensor], step: float) -> dict[str, Tensor]:
+    """init + step * (trained - init) for every floating-point entry (weights and normalizer statistics).
+
+    Reptile (Nichol et al. 2018) with one task per meta-step; integer entries, if any, follow `trained`.
+    """
+    return {
+        key: init[key] + step * (value - init[key]) if value.is_floating_point() else value.clone()
+        for key, value in trained.items()
+    }
 
 
 def _rng_to_tensor(rng: np.random.Generator) -> dict[str, Any]:

@@ -12,7 +12,8 @@ How each method uses the K episodes:
   stochastic episodes (meta-trained with one inner step on `episodes_per_task` episodes).
 - RL^2: the K episodes are the first K of a deterministic trial; evaluation is episode K + 1 of
   E trials (meta-trained on trials of max(ks) + 1 episodes).
-- MLSH: the K episodes (master sampled) feed `update_master` (PPO on the master only).
+- MLSH: each task's master starts fresh, as in training (K = 0 is that master); the K episodes
+  (master sampled) feed `update_master` (PPO on the master only; `MLSH_ADAPT`).
 - fine-tune all / fine-tune head: PPO on all weights / the last layer of the domain-randomized policy.
 - domain-randomized PPO, oracle (true task in its observation) and random actions ignore K: they
   are evaluated once and reported for every K.
@@ -93,7 +94,7 @@ class SuiteBudget:
     ppo_iterations: int = 100
     """Domain-randomized PPO and oracle iterations (16 episodes each)."""
     mlsh_task_groups: int = 16
-    """MLSH task groups (1 warm-up + 3 joint iterations each)."""
+    """MLSH task groups (6 warm-up + 2 joint iterations each, `train_mlsh`)."""
     mlsh_steps_per_iteration: int = 640
     """MLSH env steps per iteration (32 episodes of 20 steps)."""
 
@@ -223,44 +224,76 @@ def _rl2(budget: SuiteBudget, seed: int, max_k: int) -> Evaluate:
     return evaluate
 
 
-def _mlsh(budget: SuiteBudget, seed: int) -> Evaluate:
+MLSH_ADAPT = AdaptConfig(baseline="episodes", update_normalizer=False)
+"""How a new task's master learns from the K episodes: its critic knows nothing of the task yet (so
+the K episodes are compared with each other) and its normalizer has no statistics worth moving."""
+
+
+def train_mlsh(
+    tasks: PointNavTaskDistribution,
+    num_task_groups: int,
+    steps_per_iteration: int,
+    seed: int,
+    num_subpolicies: int = 4,
+    master_init: str = "reset",
+) -> MLSHTrainer:
+    """MLSH on point-navigation tasks with the suite's settings; returns the trainer (envs closed).
+
+    The master must settle on one sub-policy within the warm-up, or every sub-policy trains on every
+    task and none specializes: so a long warm-up (W = 6, U = 2, after Frans et al.'s W >> U), a large
+    master step without KL stop, and no gradient-norm clip for the master, whose value loss on raw
+    macro-step returns (hundreds) would otherwise shrink its policy gradient under the shared clip.
+    """
     torch.manual_seed(seed)
-    policy = MLSHPolicy(4, 2, num_subpolicies=4, macro_steps=5, sub_hidden=(64, 64), master_hidden=(32, 32))
+    policy = MLSHPolicy(
+        4, 2, num_subpolicies=num_subpolicies, macro_steps=10, sub_hidden=(64, 64), master_hidden=(32, 32)
+    )
     config = MLSHConfig(
-        num_task_groups=budget.mlsh_task_groups,
-        warmup_iterations=1,
-        joint_iterations=3,
-        steps_per_iteration=budget.mlsh_steps_per_iteration,
+        num_task_groups=num_task_groups,
+        warmup_iterations=6,
+        joint_iterations=2,
+        steps_per_iteration=steps_per_iteration,
+        master_init=master_init,
+        master_ppo=PPOConfig(learning_rate=1e-2, num_minibatches=2, target_kl=None, max_grad_norm=None),
         sub_ppo=PPOConfig(num_minibatches=4),
     )
     envs = make_vector_env(PointNavEnv, 8, "inline")
     with tempfile.TemporaryDirectory(prefix="metactl-suite-mlsh-") as path:
         run_dir = RunDir(path)
         try:
-            trainer = MLSHTrainer(
-                policy, envs, lambda rng: TRAIN_TASKS.sample_tasks(1, rng)[0], config, run_dir, seed=seed
-            )
+            trainer = MLSHTrainer(policy, envs, lambda rng: tasks.sample_tasks(1, rng)[0], config, run_dir, seed=seed)
             trainer.train(progress=False)
         finally:
             run_dir.close()
             envs.close()
+    return trainer
+
+
+def mlsh_adapted_return(trainer: MLSHTrainer, env: PointNavEnv, seeds: TaskSeeds) -> float:
+    """Mean deterministic return on `env`'s task of a new task's master adapted from len(seeds.adaptation) episodes.
+
+    The master starts as a new task's does in training (`MLSHTrainer.start_master`: freshly
+    initialized, or the meta-learned init), seeded by `seeds.generator`, so K = 0 is the
+    pre-adaptation master of the same start; the K episodes sample the master and feed `update_master`.
+    """
+    policy = copy.deepcopy(trainer.policy)
+    trainer.start_master(policy, torch.Generator().manual_seed(seeds.generator))
+    if len(seeds.adaptation):
+        rng = np.random.default_rng(seeds.generator)
+        episodes = [evaluation.rollout(env, policy, int(s), sample_master=True, rng=rng) for s in seeds.adaptation]
+        update_master(policy, episodes, MLSH_ADAPT, seeds.generator)
+    return float(np.mean([evaluation.rollout(env, policy, int(s)).total_return for s in seeds.evaluation]))
+
+
+def _mlsh(budget: SuiteBudget, seed: int) -> Evaluate:
+    trainer = train_mlsh(TRAIN_TASKS, budget.mlsh_task_groups, budget.mlsh_steps_per_iteration, seed)
     num_eval_episodes, env = budget.eval_episodes, PointNavEnv()
 
     def evaluate(tasks: Sequence[PointNavTask], k: int) -> np.ndarray:
         results = np.zeros(len(tasks))
         for index, task in enumerate(tasks):
-            seeds = task_seeds(seed, index, num_eval_episodes, k)
             env.set_task(task)
-            adapted = policy
-            if k > 0:
-                adapted = copy.deepcopy(policy)
-                rng = np.random.default_rng(seeds.generator)
-                episodes = [
-                    evaluation.rollout(env, policy, int(s), sample_master=True, rng=rng) for s in seeds.adaptation
-                ]
-                update_master(adapted, episodes, AdaptConfig(), seeds.generator)
-            returns = [evaluation.rollout(env, adapted, int(s)).total_return for s in seeds.evaluation]
-            results[index] = np.mean(returns)
+            results[index] = mlsh_adapted_return(trainer, env, task_seeds(seed, index, num_eval_episodes, k))
         return results
 
     return evaluate

@@ -63,6 +63,9 @@ class PointNavTaskDistribution:
 
     Angles are in radians measured from the +x axis; the default is the upper half circle, so a
     policy that ignores the task heads for the middle of the arc and adaptation has room to help.
+    With `num_angles` > 0 the goal angle is one of that many evenly spaced angles from `angle_low`
+    to `angle_high` (both included): a few discrete goal directions, MLSH's "movement bandits",
+    where distinct tasks need distinct skills.
     """
 
     radius_low: float = 1.0
@@ -77,10 +80,16 @@ class PointNavTaskDistribution:
     """Smallest damping rate (1/s)."""
     damping_high: float = 4.0
     """Largest damping rate (1/s); drawn log-uniformly between the two."""
+    num_angles: int = 0
+    """0: the goal angle is uniform on the arc; n > 0: one of n evenly spaced angles on it, ends
+    included (n = 1: `angle_low`)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_angles, bool) or not isinstance(self.num_angles, int) or self.num_angles < 0:
+            raise ConfigError(f"'tasks.num_angles' must be an int >= 0, got {self.num_angles!r}")
         for field in dataclasses.fields(self):
-            setattr(self, field.name, _check_finite(f"tasks.{field.name}", getattr(self, field.name)))
+            if field.name != "num_angles":
+                setattr(self, field.name, _check_finite(f"tasks.{field.name}", getattr(self, field.name)))
         for low, high in (("radius_low", "radius_high"), ("angle_low", "angle_high"), ("damping_low", "damping_high")):
             if getattr(self, low) > getattr(self, high):
                 raise ConfigError(f"'tasks.{low}' = {getattr(self, low)} > 'tasks.{high}' = {getattr(self, high)}")
@@ -93,17 +102,23 @@ class PointNavTaskDistribution:
     def from_dict(cls, data: Mapping[str, Any] | None) -> PointNavTaskDistribution:
         return build(cls, data or {}, "tasks")
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | int]:
         return to_dict(self)
 
+    def angles(self) -> np.ndarray:
+        """[num_angles] the discrete goal angles (rad); empty when the angle is continuous."""
+        if self.num_angles == 1:
+            return np.array([self.angle_low])
+        return np.linspace(self.angle_low, self.angle_high, self.num_angles)
+
     def sample_tasks(self, num_tasks: int, rng: np.random.Generator) -> list[PointNavTask]:
-        """Draw `num_tasks` tasks; radius, angle and damping are drawn in that order per task."""
+        """Draw `num_tasks` tasks; radius, angle (or angle index) and damping are drawn in that order per task."""
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 0:
             raise ValueError(f"num_tasks must be a non-negative int, got {num_tasks!r}")
-        tasks = []
+        tasks, angles = [], self.angles()
         for _ in range(num_tasks):
             radius = rng.uniform(self.radius_low, self.radius_high)
-            angle = rng.uniform(self.angle_low, self.angle_high)
+            angle = angles[rng.integers(len(angles))] if len(angles) else rng.uniform(self.angle_low, self.angle_high)
             damping = math.exp(rng.uniform(math.log(self.damping_low), math.log(self.damping_high)))
             tasks.append(PointNavTask(radius * math.cos(angle), radius * math.sin(angle), damping))
         return tasks

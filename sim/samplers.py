@@ -1,12 +1,15 @@
 """Samplers: N env copies behind one interface, Gymnasium's `VectorEnv`.
 
-Three backends, picked by name, all with SAME_STEP autoreset (a done row's `obs` is already the
+Four backends, picked by name, all with SAME_STEP autoreset (a done row's `obs` is already the
 first observation of the next episode; the last one is in `info["final_obs"][i]`, flagged by
 `info["_final_obs"][i]`), so a trainer written against one runs unchanged on the others:
 
     inline   gymnasium.vector.SyncVectorEnv   every copy in this process (debugging, tests)
     process  gymnasium.vector.AsyncVectorEnv  one persistent worker process per copy
     ray      RayVectorEnv                     one Ray actor per copy, local or on a cluster
+    worker   RolloutWorkerVectorEnv           one worker process per copy that also runs the policy:
+                                              a trainer that knows `RolloutCollector` gets a whole
+                                              rollout per copy in one message (sim/rollout_workers.py)
 
 The same seed gives the same trajectories on every backend. Ray is imported only for "ray".
 """
@@ -24,7 +27,7 @@ from gymnasium.vector.utils import batch_space, concatenate, create_empty_array,
 
 from controller.errors import ConfigError
 
-BACKENDS = ("inline", "process", "ray")
+BACKENDS = ("inline", "process", "ray", "worker")
 RAY_OBJECT_STORE_BYTES = 200 * 1024**2
 """Object store of a locally started Ray: observations are tiny, so keep its memory small."""
 
@@ -45,10 +48,10 @@ def make_vector_env(
         env_fn: Builds one env; called once per copy, in the worker that steps it (must pickle for
             "process" with a spawn context and for "ray").
         num_envs: Env copies.
-        backend: "inline", "process" or "ray".
+        backend: "inline", "process", "ray" or "worker".
         ray_address: Ray cluster to join ("auto", "ray://host:10001", ...); None starts a local
             Ray with one CPU per copy. Ignored when Ray is already initialized.
-        context: multiprocessing start method for "process" (None: the platform default).
+        context: multiprocessing start method for "process" and "worker" (None: the platform default).
 
     Returns:
         The vector env; the caller closes it.
@@ -65,6 +68,10 @@ def make_vector_env(
         return gym.vector.SyncVectorEnv(env_fns, autoreset_mode=AUTORESET_MODE)
     if backend == "process":
         return gym.vector.AsyncVectorEnv(env_fns, autoreset_mode=AUTORESET_MODE, context=context)
+    if backend == "worker":
+        from sim.rollout_workers import RolloutWorkerVectorEnv  # it builds on this module
+
+        return RolloutWorkerVectorEnv(env_fns, context=context)
     return RayVectorEnv(env_fns, ray_address=ray_address)
 
 
@@ -110,42 +117,23 @@ class EnvWorker:
         self.env.close()
 
 
-class RayVectorEnv(gym.vector.VectorEnv):
-    """Gymnasium VectorEnv over Ray actors: one actor (holding one env) per copy.
+class RemoteVectorEnv(gym.vector.VectorEnv):
+    """Gymnasium VectorEnv over `EnvWorker`s that live elsewhere, one per copy (Ray actors, worker processes).
 
-    `step` sends every copy its action and waits for all of them (`ray.get` over the actors), so
-    the copies run in parallel on as many cores (or machines) as Ray has. Autoreset is SAME_STEP
-    with Gymnasium's info layout. Ray is initialized here only if it is not already: pass
-    `ray_address` to join an existing cluster; a local start gets one CPU per copy and a small
-    object store. `close()` kills the actors but leaves Ray running for reuse (`ray.shutdown()`
-    or process exit stops it).
+    A subclass starts its workers, implements `_call_workers` and calls `_describe_workers`; reset,
+    step, call and set_attr are shared. Autoreset is SAME_STEP with Gymnasium's info layout.
     """
 
-    def __init__(
-        self,
-        env_fns: Sequence[Callable[[], gym.Env]],
-        *,
-        ray_address: str | None = None,
-        num_cpus_per_env: float = 1.0,
-        copy: bool = True,
-    ) -> None:
-        super().__init__()
-        if len(env_fns) < 1:
-            raise ConfigError("RayVectorEnv needs at least one env_fn")
-        ray = _import_ray()
-        self._ray = ray
-        if not ray.is_initialized():
-            init_kwargs: dict[str, Any] = {"address": ray_address, "include_dashboard": False}
-            if ray_address is None and "RAY_ADDRESS" not in os.environ:
-                # A fresh local runtime: size it to the copies, not to the machine.
-                init_kwargs.update(num_cpus=len(env_fns), object_store_memory=RAY_OBJECT_STORE_BYTES)
-            ray.init(**init_kwargs)
+    def _call_workers(self, method: str, args: Sequence[tuple]) -> list[Any]:
+        """`EnvWorker.<method>(*args[i])` on every copy i at once; the results in copy order."""
+        raise NotImplementedError
+
+    def _describe_workers(self, num_envs: int, copy: bool) -> None:
+        """Read the spaces from the workers (all must match) and set up the batched spaces."""
         self.copy = copy
-        self.num_envs = len(env_fns)
+        self.num_envs = num_envs
         self.autoreset_mode = AUTORESET_MODE
-        actor_class = ray.remote(num_cpus=num_cpus_per_env)(EnvWorker)
-        self.actors = [actor_class.remote(env_fn) for env_fn in env_fns]
-        descriptions = ray.get([actor.describe.remote() for actor in self.actors])
+        descriptions = self._call_workers("describe", [()] * num_envs)
         self.single_observation_space, self.single_action_space, self.metadata, self.render_mode = descriptions[0]
         for index, (observation_space, action_space, _, _) in enumerate(descriptions):
             if observation_space != self.single_observation_space or action_space != self.single_action_space:
@@ -177,10 +165,8 @@ class RayVectorEnv(gym.vector.VectorEnv):
         if len(seeds) != self.num_envs:
             raise ValueError(f"got {len(seeds)} seeds for num_envs={self.num_envs}")
         if options is not None and "reset_mask" in options:
-            raise ValueError("RayVectorEnv does not support options['reset_mask'] (it autoresets SAME_STEP)")
-        results = self._ray.get(
-            [actor.reset.remote(single_seed, options) for actor, single_seed in zip(self.actors, seeds)]
-        )
+            raise ValueError(f"{type(self).__name__} does not support options['reset_mask'] (it autoresets SAME_STEP)")
+        results = self._call_workers("reset", [(single_seed, options) for single_seed in seeds])
         infos: dict[str, Any] = {}
         for index, (_, info) in enumerate(results):
             infos = self._add_info(infos, info, index)
@@ -196,10 +182,7 @@ class RayVectorEnv(gym.vector.VectorEnv):
             observations (num_envs, *obs_shape), rewards (num_envs,) float64, terminations and
             truncations (num_envs,) bool, infos with `final_obs` / `final_info` on done rows.
         """
-        actions_per_env = iterate(self.action_space, actions)
-        results = self._ray.get(
-            [actor.step.remote(action) for actor, action in zip(self.actors, actions_per_env, strict=True)]
-        )
+        results = self._call_workers("step", [(action,) for action in iterate(self.action_space, actions)])
         infos: dict[str, Any] = {}
         for index, result in enumerate(results):
             infos = self._add_info(infos, result[4], index)
@@ -213,7 +196,7 @@ class RayVectorEnv(gym.vector.VectorEnv):
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         """Call method `name` (or read attribute `name`) on every copy; one result per copy."""
-        return tuple(self._ray.get([actor.call.remote(name, args, kwargs) for actor in self.actors]))
+        return tuple(self._call_workers("call", [(name, args, kwargs)] * self.num_envs))
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         return self.call(name)
@@ -224,7 +207,49 @@ class RayVectorEnv(gym.vector.VectorEnv):
             values = [values] * self.num_envs
         if len(values) != self.num_envs:
             raise ValueError(f"got {len(values)} values for num_envs={self.num_envs}")
-        self._ray.get([actor.set_attr.remote(name, value) for actor, value in zip(self.actors, values)])
+        self._call_workers("set_attr", [(name, value) for value in values])
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            self.close()
+
+
+class RayVectorEnv(RemoteVectorEnv):
+    """Gymnasium VectorEnv over Ray actors: one actor (holding one env) per copy.
+
+    `step` sends every copy its action and waits for all of them (`ray.get` over the actors), so
+    the copies run in parallel on as many cores (or machines) as Ray has. Autoreset is SAME_STEP
+    with Gymnasium's info layout. Ray is initialized here only if it is not already: pass
+    `ray_address` to join an existing cluster; a local start gets one CPU per copy and a small
+    object store. `close()` kills the actors but leaves Ray running for reuse (`ray.shutdown()`
+    or process exit stops it).
+    """
+
+    def __init__(
+        self,
+        env_fns: Sequence[Callable[[], gym.Env]],
+        *,
+        ray_address: str | None = None,
+        num_cpus_per_env: float = 1.0,
+        copy: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(env_fns) < 1:
+            raise ConfigError("RayVectorEnv needs at least one env_fn")
+        ray = _import_ray()
+        self._ray = ray
+        if not ray.is_initialized():
+            init_kwargs: dict[str, Any] = {"address": ray_address, "include_dashboard": False}
+            if ray_address is None and "RAY_ADDRESS" not in os.environ:
+                # A fresh local runtime: size it to the copies, not to the machine.
+                init_kwargs.update(num_cpus=len(env_fns), object_store_memory=RAY_OBJECT_STORE_BYTES)
+            ray.init(**init_kwargs)
+        actor_class = ray.remote(num_cpus=num_cpus_per_env)(EnvWorker)
+        self.actors = [actor_class.remote(env_fn) for env_fn in env_fns]
+        self._describe_workers(len(env_fns), copy)
+
+    def _call_workers(self, method: str, args: Sequence[tuple]) -> list[Any]:
+        return self._ray.get([getattr(actor, method).remote(*a) for actor, a in zip(self.actors, args, strict=True)])
 
     def close_extras(self, **kwargs: Any) -> None:
         """Close every env, then kill its actor (Ray itself keeps running)."""
@@ -236,7 +261,3 @@ class RayVectorEnv(gym.vector.VectorEnv):
         finally:
             for actor in actors:
                 self._ray.kill(actor)
-
-    def __del__(self) -> None:
-        if not getattr(self, "closed", True):
-            self.close()

@@ -84,7 +84,7 @@ def inline_reference() -> dict[str, np.ndarray]:
     return reference
 
 
-@pytest.mark.parametrize("backend", ["process", "ray"])
+@pytest.mark.parametrize("backend", ["process", "ray", "worker"])
 def test_same_seed_same_trajectories_on_every_backend(
     backend: str, inline_reference: dict[str, np.ndarray], request: pytest.FixtureRequest
 ) -> None:
