@@ -60,19 +60,45 @@ def _floats(values) -> list[float]:
     return values.tolist() if isinstance(values, np.ndarray) else [float(value) for value in values]
 
 
+def _sum_of_squares(values: list[float]) -> float:
+    """sum(v * v) in numpy's float64 summation order (its pairwise sum: eight running sums over blocks of up to 128
+    values, combined as a tree, then the remainder), so it equals np.add.reduce(x * x) exactly, on Python floats."""
+    n = len(values)
+    if n > 128:
+        half = n // 2
+        half -= half % 8
+        return _sum_of_squares(values[:half]) + _sum_of_squares(values[half:])
+    if n < 8:
+        total = -0.0
+        for value in values:
+            total += value * value
+        return total
+    sums = [value * value for value in values[:8]]
+    i, end = 8, n - n % 8
+    while i < end:
+        for j in range(8):
+            sums[j] += values[i + j] * values[i + j]
+        i += 8
+    total = ((sums[0] + sums[1]) + (sums[2] + sums[3])) + ((sums[4] + sums[5]) + (sums[6] + sums[7]))
+    for value in values[end:]:
+        total += value * value
+    return total
+
+
+def _rotate_to_body(x: float, y: float, z: float, w: float, vx: float, vy: float, vz: float) -> tuple:
+    """`rotate_to_body` on Python floats: v' = v + w t + u x t with u = -(x, y, z) and t = 2 u x v."""
+    ux, uy, uz = -x, -y, -z
+    tx, ty, tz = 2.0 * (uy * vz - uz * vy), 2.0 * (uz * vx - ux * vz), 2.0 * (ux * vy - uy * vx)
+    return vx + w * tx + (uy * tz - uz * ty), vy + w * ty + (uz * tx - ux * tz), vz + w * tz + (ux * ty - uy * tx)
+
+
 def rotate_to_body(quat: np.ndarray, vector: np.ndarray) -> np.ndarray:
     """Express a world-frame vector in the body frame: R(q)^T v, with q = (x, y, z, w).
 
-    v' = v + w t + u x t with u = -(x, y, z) (the conjugate) and t = 2 u x v; written out in
-    scalars because np.cross on 3-vectors costs more than the rest of the observation.
+    Written out in scalars (`_rotate_to_body`) because np.cross on 3-vectors costs more than the rest of the
+    observation.
     """
-    x, y, z, w = _floats(quat)
-    vx, vy, vz = _floats(vector)
-    ux, uy, uz = -x, -y, -z
-    tx, ty, tz = 2.0 * (uy * vz - uz * vy), 2.0 * (uz * vx - ux * vz), 2.0 * (ux * vy - uy * vx)
-    return np.array(
-        [vx + w * tx + (uy * tz - uz * ty), vy + w * ty + (uz * tx - ux * tz), vz + w * tz + (ux * ty - uy * tx)]
-    )
+    return np.array(_rotate_to_body(*_floats(quat), *_floats(vector)))
 
 
 def quat_multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -135,17 +161,19 @@ class ObservationMapping:
         self._sizes = [
             (name, self.num_joints if size is None else size, scale) for name, size, scale in OBSERVATION_LAYOUT
         ]
-        self._names = [name for name, _, _ in self._sizes]
         self.obs_dim = sum(size for _, size, _ in self._sizes)
-        self._scales = np.concatenate([np.full(size, scale) for _, size, scale in self._sizes])
+        self._part_scales = [(name, float(scale)) for name, _, scale in self._sizes]
+        self._default_list = self._default.tolist()
         self.act_dim = self.num_joints
         self._action_scale = spec.action_scale
+        self._lower_list, self._upper_list = self._lower.tolist(), self._upper.tolist()
         self._phase_rate = 2.0 * np.pi * spec.gait.frequency_hz  # phase = 2 pi f k / rate, in that order
         self._rate = spec.control_rate_hz
         self.nonfinite_actions = 0
-        # Per control step k: (default pose + gait offsets, (sin, cos) of the gait phase), filled as steps are
-        # first reached. The gait depends on k alone, so a cached entry is exactly what a fresh one would be.
-        self._gait_cache: list[tuple[np.ndarray, tuple[float, float]]] = []
+        # Per control step k: (default pose + gait offsets, (sin, cos) of the gait phase, the first as a list),
+        # filled as steps are first reached. The gait depends on k alone, so a cached entry is exactly what a fresh
+        # one would be.
+        self._gait_cache: list[tuple[np.ndarray, tuple[float, float], list[float]]] = []
         self.reset()
 
     @property
@@ -176,38 +204,43 @@ class ObservationMapping:
     def phase(self) -> float:
         return self._phase_rate * self.step_count / self._rate
 
-    def _gait_terms(self) -> tuple[np.ndarray, tuple[float, float]]:
-        """(default pose + gait offsets (num_joints,), (sin, cos) of the phase) at the current step."""
+    def _gait_terms(self) -> tuple[np.ndarray, tuple[float, float], list[float]]:
+        """(default pose + gait offsets (num_joints,), (sin, cos) of the phase, the first as a list) at this step."""
         step, cache = self.step_count, self._gait_cache
         if step < len(cache):
             return cache[step]
         phase = self.phase()
-        terms = (
-            self._default + self.gait_offsets(),
-            (float(np.sin(phase)), float(np.cos(phase))) if self._gait_on else (0.0, 0.0),
-        )
+        base = self._default + self.gait_offsets()
+        terms = (base, (float(np.sin(phase)), float(np.cos(phase))) if self._gait_on else (0.0, 0.0), base.tolist())
         if step == len(cache) and step < GAIT_CACHE_STEPS:
             cache.append(terms)
         return terms
 
     def observe(self, state: RobotState) -> np.ndarray:
         """RobotState -> observation vector, float32 (obs_dim,)."""
+        # Python floats: (part - offset) * scale per entry is what the numpy expression computed, element by
+        # element, and a dozen numpy calls on short vectors cost more than the arithmetic (x * 1.0 == x).
+        default = self._default_list
         parts = {
-            "gravity": rotate_to_body(state.quat, _DOWN),
-            "gyro": state.gyro,
-            "joint_pos": np.asarray(state.joint_pos) - self._default,
-            "joint_vel": state.joint_vel,
-            "last_action": self.last_action,
-            "command": state.command,
+            "gravity": _rotate_to_body(*_floats(state.quat), *_DOWN),
+            "gyro": _floats(state.gyro),
+            "joint_pos": [q - d for q, d in zip(_floats(state.joint_pos), default, strict=True)],
+            "joint_vel": _floats(state.joint_vel),
+            "last_action": self.last_action.tolist(),
+            "command": _floats(state.command),
             "gait_phase": self._gait_terms()[1],
         }
-        obs = np.concatenate([parts[name] for name in self._names], dtype=np.float64)
-        obs *= self._scales
-        # A NaN sensor reading must not reach the policy; zero is the normalizer's centre. A finite dot product
-        # means every entry is finite (one reduction instead of isfinite + all on the common path).
-        if not math.isfinite(obs @ obs):
-            obs[~np.isfinite(obs)] = 0.0
-        return obs.astype(np.float32)
+        values = []
+        for name, scale in self._part_scales:
+            part = parts[name]
+            values += part if scale == 1.0 else [value * scale for value in part]
+        if len(values) != self.obs_dim:
+            raise ValueError(f"observation parts have {len(values)} entries, layout {self.layout} has {self.obs_dim}")
+        # A NaN sensor reading must not reach the policy; zero is the normalizer's centre. A finite sum means every
+        # entry is finite (it overflows on huge ones, hence the second test).
+        if not math.isfinite(sum(values)) and not all(map(math.isfinite, values)):
+            values = [value if math.isfinite(value) else 0.0 for value in values]
+        return np.array(values, dtype=np.float32)
 
     def gait_offsets(self) -> np.ndarray:
         if not self._gait_on:
@@ -222,19 +255,30 @@ class ObservationMapping:
         A non-finite action is replaced by zeros (counted in `nonfinite_actions`) so NaN never
         reaches a motor.
         """
-        action = np.asarray(action, dtype=np.float64).reshape(self.num_joints)
-        if not math.isfinite(action @ action) and not np.isfinite(action).all():  # the dot overflows on huge ones
+        if type(action) is not np.ndarray or action.dtype.kind != "f":
+            action = np.asarray(action, dtype=np.float64)
+        # Python floats for the elementwise work: a dozen numpy calls on 12-vectors cost more than the arithmetic,
+        # and float math gives exactly the values of the numpy expressions it replaces.
+        values = action.reshape(self.num_joints).tolist()
+        # A finite sum means every entry is finite; it overflows on huge ones, hence the second test.
+        if not math.isfinite(sum(values)) and not all(map(math.isfinite, values)):
             self.nonfinite_actions += 1
-            action = np.zeros(self.num_joints)
-        # clip(x, lo, hi) as minimum(maximum(x, lo), hi): the same values, a third of np.clip's call overhead.
-        action = np.minimum(np.maximum(action, -1.0), 1.0)
-        targets = self._gait_terms()[0] + self._action_scale * action  # default + gait + scale * action
-        self.last_action = action
+            values = [0.0] * self.num_joints
+        # a = clip(action, -1, 1); q* = clip(default + gait + scale * a, lower, upper)
+        clipped, targets, scale = [], [], self._action_scale
+        for value, base, lower, upper in zip(values, self._gait_terms()[2], self._lower_list, self._upper_list):
+            value = -1.0 if value < -1.0 else value
+            value = 1.0 if value > 1.0 else value
+            clipped.append(value)
+            target = base + scale * value
+            target = lower if target < lower else target
+            targets.append(upper if target > upper else target)
+        self.last_action = np.array(clipped)  # a new array every step: callers may keep the previous one
         self.step_count += 1
-        return np.minimum(np.maximum(targets, self._lower), self._upper)
+        return np.array(targets)
 
     def is_fallen(self, state: RobotState) -> bool:
-        return bool(state.fallen) or upright(np.asarray(state.quat)) < self.spec.min_upright
+        return bool(state.fallen) or upright(state.quat) < self.spec.min_upright
 
 
 @dataclass
@@ -255,17 +299,19 @@ class LocomotionReward:
 
     def __call__(self, state: RobotState, action: np.ndarray, previous_action: np.ndarray) -> float:
         # Python floats for the scalar terms (numpy scalars cost ~10x more per operation); np.exp, not math.exp,
-        # so the values stay exactly those of earlier versions.
+        # so the values stay exactly those of earlier versions (taken as a float at once: the same double).
         vx, vy, vz = _floats(state.base_vel)
         cx, cy, cyaw = _floats(state.command)
         gx, gy, gz = _floats(state.gyro)
+        sigma = self.sigma
         lin_err = (vx - cx) ** 2 + (vy - cy) ** 2
-        reward = self.lin_vel * np.exp(-lin_err / self.sigma) + self.yaw_rate * np.exp(-((gz - cyaw) ** 2) / self.sigma)
+        reward = self.lin_vel * float(np.exp(-lin_err / sigma)) + self.yaw_rate * float(
+            np.exp(-((gz - cyaw) ** 2) / sigma)
+        )
         reward -= self.vertical_vel * vz**2 + self.angular_xy * (gx**2 + gy**2)
-        # np.add.reduce(x * x) is np.sum(x ** 2) without the wrapper's dispatch: the same pairwise sum.
-        change = np.asarray(action) - np.asarray(previous_action)
-        reward -= self.action_rate * float(np.add.reduce(change * change, axis=None))
+        # |x|^2 as np.sum(x ** 2) adds up, on Python floats (a numpy reduction costs more than the arithmetic).
+        change = [a - b for a, b in zip(_floats(action), _floats(previous_action), strict=True)]
+        reward -= self.action_rate * _sum_of_squares(change)
         if state.joint_torque is not None:
-            torque = np.asarray(state.joint_torque)
-            reward -= self.torque * float(np.add.reduce(torque * torque, axis=None))
+            reward -= self.torque * _sum_of_squares(_floats(state.joint_torque))
         return float(reward)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import gymnasium as gym
@@ -53,6 +54,7 @@ class LocomotionEnv(gym.Env):
         self._dt = 1.0 / self.spec_robot.control_rate_hz
         self._steps = 0
         self._state: RobotState | None = None
+        self._command_of: tuple[float, np.ndarray] = (math.nan, np.zeros(3))  # (command_vx, the command vector)
 
     def set_task(self, task: Task) -> None:
         """Switch the live world to another task; takes effect now and persists across resets."""
@@ -62,7 +64,10 @@ class LocomotionEnv(gym.Env):
         return self.sim.task
 
     def _command(self) -> np.ndarray:
-        return np.array([self.sim.task.command_vx, 0.0, 0.0])
+        command_vx = self.sim.task.command_vx
+        if command_vx != self._command_of[0]:
+            self._command_of = (command_vx, np.array([command_vx, 0.0, 0.0]))
+        return self._command_of[1].copy()
 
     def _observation(self, state: RobotState) -> np.ndarray:
         obs = self.mapping.observe(state)
@@ -81,17 +86,16 @@ class LocomotionEnv(gym.Env):
         return self._observation(self._state), {"task": self.sim.task.to_dict()}
 
     def step(self, action: np.ndarray):
-        previous = self.mapping.last_action.copy()
-        targets = self.mapping.targets(action)
-        self.sim.step(targets, self._kp, self._kd)
+        mapping, sim = self.mapping, self.sim
+        previous = mapping.last_action  # targets() binds a new array
+        sim.step(mapping.targets(action), self._kp, self._kd)
         self._steps += 1
-        state = self.sim.read_state(self._command(), self._dt)
-        self._state = state
-        reward = self.reward_fn(state, self.mapping.last_action, previous)
-        terminated = self.mapping.is_fallen(state)
+        self._state = state = sim.read_state(self._command(), self._dt)
+        reward = self.reward_fn(state, mapping.last_action, previous)
+        terminated = mapping.is_fallen(state)
         truncated = self._steps >= self.max_steps and not terminated
         info = {"base_vel": state.base_vel}
-        return self._observation(state), float(reward), bool(terminated), bool(truncated), info
+        return self._observation(state), float(reward), bool(terminated), truncated, info
 
     @property
     def state(self) -> RobotState | None:
