@@ -149,10 +149,28 @@ def rollout(
     return results
 
 
-def _split(episodes: Episodes, num_parts: int) -> list[Episodes]:
-    """Split the rows of `episodes` into `num_parts` equal consecutive parts (one per task)."""
+def _rows(episodes: Episodes, start: int, stop: int) -> Episodes:
+    """Episodes `start:stop` (rows) of `episodes`."""
     fields = [episodes.obs, episodes.actions, episodes.rewards, episodes.log_probs, episodes.mask]
-    return [Episodes(*parts) for parts in zip(*(field.chunk(num_parts) for field in fields))]
+    return Episodes(*(field[start:stop] for field in fields))
+
+
+def _concat(parts: Sequence[Episodes]) -> Episodes:
+    """Stack the rows of `parts` (advantages unset), zero-padding every part to the longest."""
+    if len(parts) == 1:
+        return parts[0]
+    length = max(part.mask.shape[1] for part in parts)
+
+    def pad(field: Tensor) -> Tensor:
+        padding = [0, 0] * (field.dim() - 2) + [0, length - field.shape[1]]
+        return torch.nn.functional.pad(field, padding)
+
+    names = ["obs", "actions", "rewards", "log_probs", "mask"]
+    return Episodes(*(torch.cat([pad(getattr(part, name)) for part in parts]) for name in names))
+
+
+def _all_finite(tensors: Any) -> bool:
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def _standardize(values: Tensor, mask: Tensor) -> Tensor:
@@ -250,6 +268,10 @@ class MAMLTrainer:
         sample_tasks: (num_tasks, rng) -> tasks, e.g. a task distribution's `sample_tasks`.
         config: Hyperparameters.
         seed: Seeds task draws, env resets and action noise (policy init is the caller's).
+        num_envs: Env copies built (once, as needed) and reused for every episode: the episodes of a
+            batch run in waves of `num_envs`, each copy switched to its episode's task with
+            `set_task`. None: one copy per episode of a meta-batch, all stepped together. Results
+            are deterministic for a seed and a given `num_envs`.
     """
 
     def __init__(
@@ -259,7 +281,11 @@ class MAMLTrainer:
         sample_tasks: Callable[[int, np.random.Generator], Sequence[Any]],
         config: MAMLConfig | None = None,
         seed: int = 0,
+        num_envs: int | None = None,
     ) -> None:
+        if num_envs is not None and (isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1):
+            raise ConfigError(f"MAMLTrainer num_envs must be a positive int or None, got {num_envs!r}")
+        self.num_envs = num_envs
         self.learner = learner
         self.env_fn = env_fn
         self.sample_tasks = sample_tasks
@@ -275,15 +301,63 @@ class MAMLTrainer:
         self.iteration = 0
         self._envs: list[Any] = []
 
-    def _env_groups(self, tasks: Sequence[Any]) -> list[list[Any]]:
-        per_task = self.config.episodes_per_task
-        while len(self._envs) < len(tasks) * per_task:
+    def _pool(self, num_episodes: int) -> list[Any]:
+        """The env copies an episode batch runs on (built on first need, kept until `close`)."""
+        size = num_episodes if self.num_envs is None else min(self.num_envs, num_episodes)
+        while len(self._envs) < size:
             self._envs.append(self.env_fn())
-        groups = [self._envs[i * per_task : (i + 1) * per_task] for i in range(len(tasks))]
-        for task, envs in zip(tasks, groups):
-            for env in envs:
-                env.get_wrapper_attr("set_task")(task)
-        return groups
+        return self._envs[:size]
+
+    def _rollout_tasks(
+        self,
+        tasks: Sequence[Any],
+        policies: DistributionFn | Sequence[DistributionFn],
+        deterministic: bool = False,
+    ) -> list[Episodes]:
+        """`episodes_per_task` episodes on each task, in waves over the env pool; one `Episodes` per task.
+
+        Args:
+            tasks: The tasks; episode j of task i is episode i * episodes_per_task + j of the batch.
+            policies: One distribution function for every task (one batched call per step), or one per task.
+            deterministic: Mean actions (no noise drawn).
+        """
+        per_task = self.config.episodes_per_task
+        num_episodes = len(tasks) * per_task
+        seeds = self.rng.integers(2**31, size=num_episodes)
+        generator = None if deterministic else self.generator
+        pool = self._pool(num_episodes)
+        shared = callable(policies)
+        parts: list[list[Episodes]] = [[] for _ in tasks]
+        for start in range(0, num_episodes, len(pool)):
+            stop = min(start + len(pool), num_episodes)
+            envs = pool[: stop - start]
+            for env, episode in zip(envs, range(start, stop)):
+                env.get_wrapper_attr("set_task")(tasks[episode // per_task])
+            # Runs of consecutive episodes of one task: (task index, first episode, end episode).
+            runs = [
+                (task, max(start, task * per_task), min(stop, (task + 1) * per_task))
+                for task in range(start // per_task, (stop - 1) // per_task + 1)
+            ]
+            if shared:
+                (batch,) = rollout(
+                    [(policies, envs)], self.config.max_episode_steps, seeds[start:stop], generator, deterministic
+                )
+                sampled = [_rows(batch, first - start, end - start) for _, first, end in runs]
+            else:
+                groups = [(policies[task], envs[first - start : end - start]) for task, first, end in runs]
+                sampled = rollout(groups, self.config.max_episode_steps, seeds[start:stop], generator, deterministic)
+            for (task, _, _), episodes in zip(runs, sampled):
+                parts[task].append(episodes)
+        return [_concat(task_parts) for task_parts in parts]
+
+    def _check_finite(self, tensors: Any, what: str) -> None:
+        """Raise `FloatingPointError` naming the meta-iteration if any of `tensors` holds inf or NaN."""
+        if not _all_finite(tensors):
+            raise FloatingPointError(
+                f"meta-iteration {self.iteration + 1}: {what} is not finite; lower the inner step size "
+                "(maml.step_size) or the outer learning rate, or standardize the inner advantages "
+                "(normalize_inner_advantages: true)"
+            )
 
     def _finish(self, episodes: Episodes) -> Episodes:
         """Advantages: reward-to-go minus the linear baseline (standardized if so configured)."""
@@ -302,33 +376,27 @@ class MAMLTrainer:
             episodes[task][k] for k = 0..K, and mean returns [num_tasks, K + 1] of those episodes,
             or of extra deterministic (mean-action) episodes when `deterministic_eval`.
         """
-        groups = self._env_groups(tasks)
         clones = [self.learner.clone().detach() for _ in tasks]
         batches: list[list[Episodes]] = [[] for _ in tasks]
         returns = np.zeros((len(tasks), num_inner_steps + 1))
-        num_envs = len(tasks) * self.config.episodes_per_task
         for k in range(num_inner_steps + 1):
             if k == 0:  # every task starts from the module's own weights: one batched call per step
-                policies = [(self.learner.module.distribution, [env for envs in groups for env in envs])]
+                policies: DistributionFn | list[DistributionFn] = self.learner.module.distribution
             else:
-                policies = [
-                    (functools.partial(clone.call, "distribution"), envs) for clone, envs in zip(clones, groups)
-                ]
-            seeds = self.rng.integers(2**31, size=num_envs)
-            sampled = rollout(policies, self.config.max_episode_steps, seeds, self.generator)
-            if k == 0:
-                sampled = _split(sampled[0], len(tasks))
+                policies = [functools.partial(clone.call, "distribution") for clone in clones]
+            sampled = self._rollout_tasks(tasks, policies)
             for i, episodes in enumerate(sampled):
                 batches[i].append(self._finish(episodes))
                 returns[i, k] = episodes.episode_returns().mean().item()
             if deterministic_eval:
-                seeds = self.rng.integers(2**31, size=num_envs)
-                evaluated = rollout(policies, self.config.max_episode_steps, seeds, deterministic=True)
-                evaluated = _split(evaluated[0], len(tasks)) if k == 0 else evaluated
+                evaluated = self._rollout_tasks(tasks, policies, deterministic=True)
                 returns[:, k] = [episodes.episode_returns().mean().item() for episodes in evaluated]
             if k < num_inner_steps:
                 for i, clone in enumerate(clones):
-                    clone.adapt(self.inner_loss(clone, batches[i][k]), first_order=True)
+                    loss = self.inner_loss(clone, batches[i][k])
+                    self._check_finite([loss], f"the inner loss of task {i} at inner step {k}")
+                    clone.adapt(loss, first_order=True)
+                    self._check_finite(clone.params.values(), f"the parameters after inner step {k} on task {i}")
                     clones[i] = clone.detach()
         return batches, returns
 
@@ -360,6 +428,7 @@ class MAMLTrainer:
         kls, num_updates = [], 0
         for _ in range(config.outer_steps):
             loss, kl = self.meta_loss(batches)
+            self._check_finite([loss], "the outer (meta) loss")
             kls.append(kl)
             if config.target_kl is not None and kl > 1.5 * config.target_kl:
                 break
@@ -369,6 +438,7 @@ class MAMLTrainer:
                 nn.utils.clip_grad_norm_(self.learner.parameters(), config.max_grad_norm)
             self.optimizer.step()
             num_updates += 1
+            self._check_finite(self.learner.parameters(), "the meta-parameters after an outer step")
         update_normalizer = getattr(self.learner.module, "update_normalizer", None)
         if config.update_normalizer and update_normalizer is not None:
             update_normalizer(torch.cat([ep.obs[ep.mask.bool()] for task_batches in batches for ep in task_batches]))

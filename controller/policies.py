@@ -23,6 +23,10 @@ POLICY_OUTPUT_GAIN = 0.01
 VALUE_OUTPUT_GAIN = 1.0
 """Init gain of value heads."""
 
+LOG_STD_RANGE = (-5.0, 2.0)
+"""Range the Gaussian actor's log std is clamped to when it builds a distribution (std 0.0067 .. 7.4), so an
+outsized update (an inner gradient step) cannot make the distribution degenerate or infinite."""
+
 
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -78,14 +82,15 @@ class GaussianMLPPolicy(nn.Module):
 
     def _distribution_and_value(self, obs: Tensor) -> tuple[Normal, Tensor]:
         normalized = self.normalize(obs)
-        mean = self.actor(normalized)
-        return Normal(mean, self.log_std.exp().expand_as(mean)), self.critic(normalized).squeeze(-1)
+        return self._gaussian(self.actor(normalized)), self.critic(normalized).squeeze(-1)
+
+    def _gaussian(self, mean: Tensor) -> Normal:
+        """N(mean, exp(clamp(log_std, *LOG_STD_RANGE))) with batch shape of `mean` [..., act_dim]."""
+        return Normal(mean, self.log_std.clamp(*LOG_STD_RANGE).exp().expand_as(mean))
 
     def distribution(self, obs: Tensor) -> Normal:
         """The action distribution for raw observations [..., obs_dim]; batch shape [..., act_dim]."""
-        normalized = self.normalize(obs)
-        mean = self.actor(normalized)
-        return Normal(mean, self.log_std.exp().expand_as(mean))
+        return self._gaussian(self.actor(self.normalize(obs)))
 
     def act(
         self, obs: Tensor, deterministic: bool = False, generator: torch.Generator | None = None

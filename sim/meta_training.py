@@ -46,16 +46,28 @@ class GradientMetaConfig:
     """Initial log standard deviation of the Gaussian actions."""
     normalize: bool = True
     """Carry an observation normalizer (baked into the exported graph; not adapted)."""
-    step_size: float = 0.05
-    """Inner step size (MAML), initial per-coordinate step size (Meta-SGD) or SGD part (learned optimizer)."""
+    step_size: float = 0.002
+    """Inner step size (MAML), initial per-coordinate step size (Meta-SGD) or SGD part (learned optimizer).
+    The inner loss sums over each episode's steps, so its gradient grows with the episode length: a few
+    hundred steps want ~1e-3."""
     first_order: bool = False
     """Drop second-order terms of the meta-gradient."""
     optimizer_hidden_size: int = 16
     """Learned optimizer: GRU state per coordinate."""
     optimizer_output_scale: float = 0.1
     """Learned optimizer: scale of the GRU's part of the update."""
+    num_envs: int = 8
+    """Env copies (PyBullet worlds) built once and reused for every episode, switched between tasks
+    with `set_task`; a meta-batch's episodes run in waves of this many."""
     trainer: MAMLConfig = field(
-        default_factory=lambda: MAMLConfig(meta_batch_size=8, episodes_per_task=4, max_episode_steps=500)
+        default_factory=lambda: MAMLConfig(
+            meta_batch_size=8,
+            episodes_per_task=4,
+            max_episode_steps=500,
+            dice_lambda=0.9,
+            outer_learning_rate=3e-4,
+            normalize_inner_advantages=True,
+        )
     )
     """Meta-batch, inner loss and outer PPO settings (`controller.meta_trainer.MAMLConfig`)."""
 
@@ -108,12 +120,27 @@ def gradient_learner_spec(algorithm: str, section: GradientMetaConfig, obs_dim: 
     }
 
 
-def _probe_dims(env_fn: Callable[[], gym.Env]) -> tuple[int, int]:
-    env = env_fn()
-    try:
-        return env.observation_space.shape[0], env.action_space.shape[0]
-    finally:
-        env.close()
+class _EnvFactory:
+    """Builds step-counted envs, the first from a world already built (to read the spaces), and closes them all."""
+
+    def __init__(self, env_fn: Callable[[], gym.Env], counter: list[int]) -> None:
+        self._env_fn = env_fn
+        self._counter = counter
+        self._spare: gym.Env | None = env_fn()
+        self.envs: list[gym.Env] = []
+        self.obs_dim = self._spare.observation_space.shape[0]
+        self.act_dim = self._spare.action_space.shape[0]
+
+    def __call__(self) -> gym.Env:
+        env, self._spare = (self._spare if self._spare is not None else self._env_fn()), None
+        self.envs.append(_StepCounter(env, self._counter))
+        return self.envs[-1]
+
+    def close(self) -> None:
+        for env in [*self.envs, *([self._spare] if self._spare is not None else [])]:
+            env.close()
+        self.envs.clear()
+        self._spare = None
 
 
 class _Loop:
@@ -187,20 +214,21 @@ def train_gradient(
 ) -> None:
     """Meta-train MAML, Meta-SGD or the learned optimizer (Gaussian actor) into `run_dir`."""
     counter = [0]
-    spec = gradient_learner_spec(algorithm, section, *_probe_dims(env_fn))
-    learner = learner_from_spec(spec)
-    policy = learner.module
-    trainer = MAMLTrainer(learner, lambda: _StepCounter(env_fn(), counter), sample_tasks, section.trainer, seed=seed)
-    loop = _Loop(run_dir, counter)
-    loop.resume(trainer)
-
-    def describe() -> dict[str, Any]:
-        return {"algorithm": algorithm, "learner_spec": spec, "policy_config": policy.config}
-
+    envs = _EnvFactory(env_fn, counter)
     try:
+        spec = gradient_learner_spec(algorithm, section, envs.obs_dim, envs.act_dim)
+        learner = learner_from_spec(spec)
+        policy = learner.module
+        trainer = MAMLTrainer(learner, envs, sample_tasks, section.trainer, seed=seed, num_envs=section.num_envs)
+        loop = _Loop(run_dir, counter)
+        loop.resume(trainer)
+
+        def describe() -> dict[str, Any]:
+            return {"algorithm": algorithm, "learner_spec": spec, "policy_config": policy.config}
+
         loop.run(trainer, section.num_iterations, "post_return", describe, progress)
     finally:
-        trainer.close()
+        envs.close()
 
 
 def train_rl2(
@@ -213,22 +241,20 @@ def train_rl2(
 ) -> None:
     """Meta-train an RL^2 GRU policy into `run_dir`."""
     counter = [0]
-    obs_dim, act_dim = _probe_dims(env_fn)
-    policy = GRUPolicy(
-        obs_dim, act_dim, section.hidden_size, section.head_hidden, section.activation, section.init_log_std
-    )
-    envs: list[gym.Env] = []
-
-    def counted_env() -> gym.Env:
-        envs.append(_StepCounter(env_fn(), counter))
-        return envs[-1]
-
-    trainer = RL2Trainer(policy, counted_env, sample_tasks, section.trainer, seed=seed)
-    loop = _Loop(run_dir, counter)
-    loop.resume(trainer)
+    envs = _EnvFactory(env_fn, counter)  # RL2Trainer keeps one per trial of an iteration and reuses them
     try:
+        policy = GRUPolicy(
+            envs.obs_dim,
+            envs.act_dim,
+            section.hidden_size,
+            section.head_hidden,
+            section.activation,
+            section.init_log_std,
+        )
+        trainer = RL2Trainer(policy, envs, sample_tasks, section.trainer, seed=seed)
+        loop = _Loop(run_dir, counter)
+        loop.resume(trainer)
         describe = lambda: {"algorithm": "rl2", "policy_config": policy.config}  # noqa: E731
         loop.run(trainer, section.num_iterations, "last_episode_return", describe, progress)
     finally:
-        for env in envs:
-            env.close()
+        envs.close()

@@ -84,10 +84,10 @@ def test_gradient_bundle_train_export_adapt_rollback(tmp_path: Path, emulator, a
     assert state["history"][-1]["update"]["inner_steps"] == 1.0
     assert digest(candidate)["adaptation.pt"] != v0["adaptation.pt"]  # new fast weights
     current = yaml.safe_load((bundle / "manifest.yaml").read_text())["version"]
-    if after >= before:
-        assert "kept" in adapted.stdout and current == "v1" and digest(bundle) == digest(candidate)
+    if "kept" in adapted.stdout:  # the printed returns are rounded: a tie on screen can be a rejection
+        assert after >= before and current == "v1" and digest(bundle) == digest(candidate)
     else:  # a worse candidate never lands
-        assert "rejected" in adapted.stdout and current == "v0" and digest(bundle) == v0
+        assert after <= before and "rejected" in adapted.stdout and current == "v0" and digest(bundle) == v0
         promote(bundle, "v1")  # land it by hand, as a kept adaptation would, to check the rollback
     metactl("adapt", str(bundle), "--rollback")
     assert digest(bundle) == v0  # the exact previous bytes

@@ -3,6 +3,7 @@ and resume after a crash to the same weights as an uninterrupted run."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,29 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path, monke
     rows = (tmp_path / "crashed" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 4 and "episode_return" in rows[0]
     assert (tmp_path / "crashed" / "tensorboard").is_dir()
+
+
+SHIPPED_SHORT = [
+    "maml.num_iterations=1",
+    "maml.num_envs=2",
+    "maml.trainer.meta_batch_size=1",
+    "maml.trainer.episodes_per_task=2",
+    "maml.trainer.outer_steps=1",
+]
+"""Few episodes, but the shipped episode length, step size, inner-loss and outer settings."""
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "meta_sgd"])
+def test_shipped_gradient_configs_keep_parameters_finite(tmp_path: Path, algorithm: str) -> None:
+    config = load_train_config(f"configs/a1_{algorithm}.yaml")
+    assert config.maml.trainer.normalize_inner_advantages and config.maml.step_size <= 0.01
+    run = train(f"configs/a1_{algorithm}.yaml", SHIPPED_SHORT, run_dir=tmp_path / algorithm, progress=False)
+    checkpoint = load_torch(run.checkpoint_path)
+    learner = checkpoint["trainer"]["learner"]
+    assert all(torch.isfinite(value).all() for value in learner.values())
+    assert (learner["module.log_std"].abs() < 3.0).all()
+    header, row = (run.path / "metrics.csv").read_text().splitlines()
+    metrics = dict(zip(header.split(","), map(float, row.split(","))))
+    assert all(math.isfinite(value) for value in metrics.values())
+    # One inner step of the shipped size changes the return by a plausible amount, not to nothing.
+    assert abs(metrics["post_return"] - metrics["pre_return"]) < 0.5 * abs(metrics["pre_return"]) + 10.0
