@@ -218,16 +218,38 @@ def _wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> None:
         time.sleep(0.01)
 
 
+class _CtrlCAtTick:
+    """The bundle's runtime, with a real SIGINT to this process on the given control tick.
+
+    Raised from inside the loop rather than by a timer: under load a 30 s lockstep episode of an
+    untrained policy can end (a fall) before a timer fires.
+    """
+
+    def __init__(self, runtime: PolicyRuntime, tick: int) -> None:
+        self.runtime, self.tick, self.ticks = runtime, tick, 0
+
+    def reset(self) -> None:
+        self.runtime.reset()
+
+    def act(self, obs: np.ndarray, deterministic: bool = True):
+        self.ticks += 1
+        if self.ticks == self.tick:
+            signal.raise_signal(signal.SIGINT)  # Python raises KeyboardInterrupt at the next bytecode
+        return self.runtime.act(obs, deterministic=deterministic)
+
+    def observe(self, reward: float) -> None:
+        self.runtime.observe(reward)
+
+
 def test_ctrl_c_sends_estop_and_a_reset_clears_it(spec, lockstep_robot, tiny_bundle: Path) -> None:
     robot = lockstep_robot()
-    runtime = PolicyRuntime(tiny_bundle)
+    runtime = _CtrlCAtTick(PolicyRuntime(tiny_bundle), tick=5)
     env = RobotEnv(robot.port.path, spec, episode_seconds=30.0)
-    interrupt = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     try:
         env.connect()
-        interrupt.start()
         with pytest.raises(KeyboardInterrupt):
             run_episode(env, runtime)
+        assert runtime.ticks == 5
         _wait_for(lambda: robot.mode == Mode.ESTOP)
         env.close()  # no DAMPING request on top of the latch
         env.link.open()
@@ -235,7 +257,6 @@ def test_ctrl_c_sends_estop_and_a_reset_clears_it(spec, lockstep_robot, tiny_bun
         env.step(np.zeros(spec.num_joints))
         assert robot.mode == Mode.POSITION
     finally:
-        interrupt.cancel()
         env.close()
 
 
