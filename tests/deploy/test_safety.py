@@ -245,10 +245,15 @@ def test_ctrl_c_sends_estop_and_a_reset_clears_it(spec, lockstep_robot, tiny_bun
     robot = lockstep_robot()
     runtime = _CtrlCAtTick(PolicyRuntime(tiny_bundle), tick=5)
     env = RobotEnv(robot.port.path, spec, episode_seconds=30.0)
+    # Ctrl-C as a terminal delivers it: Python's default handler, the signal not blocked, whatever
+    # state earlier tests in this process left behind.
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         env.connect()
         with pytest.raises(KeyboardInterrupt):
-            run_episode(env, runtime)
+            episode = run_episode(env, runtime)
+            pytest.fail(f"no KeyboardInterrupt: the episode ended after {episode.length} steps")
         assert runtime.ticks == 5
         _wait_for(lambda: robot.mode == Mode.ESTOP)
         env.close()  # no DAMPING request on top of the latch
@@ -257,6 +262,8 @@ def test_ctrl_c_sends_estop_and_a_reset_clears_it(spec, lockstep_robot, tiny_bun
         env.step(np.zeros(spec.num_joints))
         assert robot.mode == Mode.POSITION
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         env.close()
 
 
