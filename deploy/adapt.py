@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from controller.adaptation import AdaptConfig, update_master
+from controller.adaptation import AdaptConfig, Episode, update_master
 from controller.rundir import load_torch
 from deploy.bundle import FULL_POLICY, MASTER, Bundle, load_bundle, next_version, promote
-from deploy.control import run_episodes
+from deploy.control import Runtime, run_episodes
 from deploy.errors import BundleError
 from deploy.export import load_policy_file, write_version_to
 from deploy.messages import Capability
@@ -104,6 +104,18 @@ def candidate_manifest(bundle: Bundle, candidate: str, num_episodes: int, stats:
     return manifest
 
 
+def adaptation_robot(bundle: Bundle, url: str, seconds: float, command_vx: float, calibration, reset_wait) -> RobotEnv:
+    """The robot env every adapter runs its episodes on."""
+    return RobotEnv(
+        url,
+        bundle.spec,
+        command=(command_vx, 0.0, 0.0),
+        episode_seconds=seconds,
+        calibration=calibration,
+        reset_wait=reset_wait,
+    )
+
+
 def adapt(
     bundle_dir: str | Path,
     url: str,
@@ -145,14 +157,7 @@ def adapt(
         policy.load_master_state_dict(load_torch(bundle_dir / MASTER))
     except (KeyError, RuntimeError) as error:
         raise BundleError(f"{bundle_dir / MASTER} does not fit this bundle's policy: {error}") from error
-    env = RobotEnv(
-        url,
-        bundle.spec,
-        command=(command_vx, 0.0, 0.0),
-        episode_seconds=seconds,
-        calibration=calibration,
-        reset_wait=reset_wait,
-    )
+    env = adaptation_robot(bundle, url, seconds, command_vx, calibration, reset_wait)
     label = (lambda text: text) if progress else (lambda text: None)
     try:
         connect_for_adaptation(env, bundle, url)
@@ -172,14 +177,28 @@ def adapt(
         after = run_episodes(env, PolicyRuntime(candidate_dir), eval_episodes, progress=label("evaluate after"))
     finally:
         env.close()
+    return keep_if_not_worse(bundle, runtime, candidate, candidate_dir, before, collected, after, update_seconds)
+
+
+def keep_if_not_worse(
+    bundle: Bundle,
+    runtime: Runtime,
+    candidate: str,
+    candidate_dir: Path,
+    before: list[Episode],
+    collected: list[Episode],
+    after: list[Episode],
+    update_seconds: float,
+) -> AdaptResult:
+    """Keep the candidate only if its evaluation return is not worse; plot every episode's return."""
     return_before = float(np.mean([e.total_return for e in before]))
     return_after = float(np.mean([e.total_return for e in after]))
     kept = return_after >= return_before
     if kept:
-        promote(bundle_dir, candidate)
-        runtime.reload(bundle_dir)  # between ticks, for a caller that keeps running it
+        promote(bundle.path, candidate)
+        runtime.reload(bundle.path)  # between ticks, for a caller that keeps running it
     plot = plot_returns(
-        candidate_dir / "adaptation.png",
+        Path(candidate_dir) / "adaptation.png",
         [e.total_return for e in before],
         [e.total_return for e in collected],
         [e.total_return for e in after],
@@ -195,4 +214,5 @@ def adapt(
         after_returns=[e.total_return for e in after],
         update_seconds=update_seconds,
         plot=str(plot),
+        algorithm=bundle.algorithm,
     )

@@ -17,37 +17,30 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
-from controller.adaptation import Episode
 from controller.config import build
 from controller.errors import ConfigError
 from controller.gradient_adaptation import adapt_fast_weights, episodes_to_batch
 from controller.meta_trainer import MAMLConfig
-from deploy.adapt import AdaptResult, candidate_manifest, connect_for_adaptation, plot_returns
-from deploy.bundle import ADAPTATION, Bundle, next_version, promote
+from deploy.adapt import (
+    AdaptResult,
+    adaptation_robot,
+    candidate_manifest,
+    connect_for_adaptation,
+    keep_if_not_worse,
+    plot_returns,
+)
+from deploy.bundle import ADAPTATION, Bundle, next_version
 from deploy.control import run_episodes
 from deploy.errors import BundleError
 from deploy.export_meta import load_adaptation, write_gradient_version_to
-from deploy.robot import RobotEnv
 from deploy.runtime import GaussianRuntime, RL2Runtime
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["adapt_fast_weights", "adapt_gradient", "adapt_rl2", "episodes_to_batch", "keep_if_not_worse"]
-
-
-def _robot(bundle: Bundle, url: str, seconds: float, command_vx: float, calibration, reset_wait) -> RobotEnv:
-    return RobotEnv(
-        url,
-        bundle.spec,
-        command=(command_vx, 0.0, 0.0),
-        episode_seconds=seconds,
-        calibration=calibration,
-        reset_wait=reset_wait,
-    )
+__all__ = ["adapt_fast_weights", "adapt_gradient", "adapt_rl2", "episodes_to_batch"]
 
 
 def adapt_gradient(
@@ -76,7 +69,7 @@ def adapt_gradient(
     except ConfigError as error:
         raise BundleError(f"{bundle_dir / ADAPTATION}: bad inner-loop settings: {error}") from error
     runtime = GaussianRuntime(bundle, rng=np.random.default_rng(seed))
-    env = _robot(bundle, url, seconds, command_vx, calibration, reset_wait)
+    env = adaptation_robot(bundle, url, seconds, command_vx, calibration, reset_wait)
     label = (lambda text: text) if progress else (lambda text: None)
     try:
         connect_for_adaptation(env, bundle, url)
@@ -107,44 +100,6 @@ def adapt_gradient(
     return keep_if_not_worse(bundle, runtime, candidate, candidate_dir, before, collected, after, update_seconds)
 
 
-def keep_if_not_worse(
-    bundle: Bundle,
-    runtime: GaussianRuntime,
-    candidate: str,
-    candidate_dir: Path,
-    before: list[Episode],
-    collected: list[Episode],
-    after: list[Episode],
-    update_seconds: float,
-) -> AdaptResult:
-    """Keep the candidate only if its evaluation return is not worse; plot every episode's return."""
-    return_before = float(np.mean([e.total_return for e in before]))
-    return_after = float(np.mean([e.total_return for e in after]))
-    kept = return_after >= return_before
-    if kept:
-        promote(bundle.path, candidate)
-        runtime.reload(bundle.path)  # between ticks, for a caller that keeps running it
-    plot = plot_returns(
-        Path(candidate_dir) / "adaptation.png",
-        [e.total_return for e in before],
-        [e.total_return for e in collected],
-        [e.total_return for e in after],
-    )
-    return AdaptResult(
-        return_before=return_before,
-        return_after=return_after,
-        kept=kept,
-        version=candidate if kept else bundle.version,
-        candidate=candidate,
-        adaptation_returns=[e.total_return for e in collected],
-        before_returns=[e.total_return for e in before],
-        after_returns=[e.total_return for e in after],
-        update_seconds=update_seconds,
-        plot=str(plot),
-        algorithm=bundle.algorithm,
-    )
-
-
 def adapt_rl2(
     bundle: Bundle,
     url: str,
@@ -162,7 +117,7 @@ def adapt_rl2(
     The bundle is not changed (no version is written); the plot goes to the bundle's adaptation/ folder.
     """
     runtime = RL2Runtime(bundle)
-    env = _robot(bundle, url, seconds, command_vx, calibration, reset_wait)
+    env = adaptation_robot(bundle, url, seconds, command_vx, calibration, reset_wait)
     label = (lambda text: text) if progress else (lambda text: None)
     try:
         connect_for_adaptation(env, bundle, url)

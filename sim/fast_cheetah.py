@@ -124,7 +124,7 @@ class CheetahTaskDistribution:
         for name, spec in self.ranges.items():
             if name not in valid:
                 raise ConfigError(f"unknown task parameter 'tasks.{name}'; valid: {', '.join(valid)}")
-            _check_range(name, spec)
+            spec.check(name, CheetahTask, where=f"tasks.{name}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> CheetahTaskDistribution:
@@ -154,28 +154,6 @@ class CheetahTaskDistribution:
             raise ValueError(f"num_tasks must be a non-negative int, got {num_tasks!r}")
         names = [f.name for f in dataclasses.fields(CheetahTask) if f.name in self.ranges]
         return [CheetahTask(**{name: self.ranges[name].sample(rng) for name in names}) for _ in range(num_tasks)]
-
-
-def _check_range(name: str, spec: ParameterRange) -> None:
-    """Every value the range can produce must make a valid task (errors name the range)."""
-    where = f"tasks.{name}"
-    if spec.choices is not None:
-        if not spec.choices or spec.low is not None or spec.high is not None:
-            raise ConfigError(f"range '{where}': give either non-empty 'choices' or 'low'/'high'")
-        values = list(spec.choices)
-    else:
-        if spec.low is None or spec.high is None:
-            raise ConfigError(f"range '{where}': needs 'low' and 'high' (or 'choices')")
-        if spec.low > spec.high:
-            raise ConfigError(f"range '{where}': low {spec.low} > high {spec.high}")
-        if spec.log and spec.low <= 0:
-            raise ConfigError(f"range '{where}': log-uniform needs low > 0, got {spec.low}")
-        values = [spec.low, spec.high]
-    for value in values:
-        try:
-            CheetahTask(**{name: value})
-        except ConfigError as error:
-            raise ConfigError(f"range '{where}': {error}") from None
 
 
 class HalfCheetahVelEnv(gym.Env):

@@ -189,23 +189,28 @@ class ParameterRange:
     """Draw uniformly in log space (both bounds > 0)."""
     choices: list[float] | None = None
 
-    def check(self, name: str) -> None:
-        if name in CATEGORICAL_PARAMETERS and self.choices is None:
-            raise ConfigError(f"range '{name}': a category, give 'choices' (e.g. [0, 1, 3]), not 'low'/'high'")
+    def check(self, name: str, task_type: type = Task, where: str | None = None) -> None:
+        """Every value the range can produce must make a valid `task_type` (errors name `where`, default `name`)."""
+        where = where or name
+        if task_type is Task and name in CATEGORICAL_PARAMETERS and self.choices is None:
+            raise ConfigError(f"range '{where}': a category, give 'choices' (e.g. [0, 1, 3]), not 'low'/'high'")
         if self.choices is not None:
             if not self.choices or self.low is not None or self.high is not None:
-                raise ConfigError(f"range '{name}': give either non-empty 'choices' or 'low'/'high'")
-            for value in self.choices:
-                Task(**{name: value})
-            return
-        if self.low is None or self.high is None:
-            raise ConfigError(f"range '{name}': needs 'low' and 'high' (or 'choices')")
-        if self.low > self.high:
-            raise ConfigError(f"range '{name}': low {self.low} > high {self.high}")
-        if self.log and self.low <= 0:
-            raise ConfigError(f"range '{name}': log-uniform needs low > 0")
-        Task(**{name: self.low})
-        Task(**{name: self.high})
+                raise ConfigError(f"range '{where}': give either non-empty 'choices' or 'low'/'high'")
+            values = list(self.choices)
+        else:
+            if self.low is None or self.high is None:
+                raise ConfigError(f"range '{where}': needs 'low' and 'high' (or 'choices')")
+            if self.low > self.high:
+                raise ConfigError(f"range '{where}': low {self.low} > high {self.high}")
+            if self.log and self.low <= 0:
+                raise ConfigError(f"range '{where}': log-uniform needs low > 0, got {self.low}")
+            values = [self.low, self.high]
+        for value in values:
+            try:
+                task_type(**{name: value})
+            except ConfigError as error:
+                raise ConfigError(f"range '{where}': {error}") from None
 
     def sample(self, rng: np.random.Generator) -> float:
         if self.choices is not None:

@@ -178,8 +178,7 @@ def episodes_returning(*values: float) -> list:
 @pytest.mark.parametrize("after", [5.0, 4.0, 3.9])
 def test_candidate_is_kept_only_if_not_worse_and_rollback_restores_bytes(tmp_path: Path, after: float) -> None:
     """Evaluation return 4.0 before; a candidate scoring 5.0 or 4.0 lands (and rolls back), 3.9 never does."""
-    from deploy.adapt import candidate_manifest
-    from deploy.adapt_gradient import keep_if_not_worse
+    from deploy.adapt import candidate_manifest, keep_if_not_worse
     from deploy.bundle import next_version, rollback
     from deploy.export_meta import write_gradient_version_to
 
