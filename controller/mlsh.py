@@ -1,6 +1,8 @@
 """MLSH trainer (Frans et al. 2017): per sampled task a fresh master (or one started from a
 meta-learned initialization), W warm-up iterations that update the master only, then U joint
-iterations that update master and shared sub-policies.
+iterations that update master and shared sub-policies. Several task groups can run side by side,
+each on its own block of env copies with its own task and master, pooling their steps into one
+sub-policy update (`MLSHConfig.parallel_groups`).
 
 The trainer knows no simulator: it is handed a Gymnasium vector env (with `set_task` reachable
 through `envs.call`) and a task sampler.
@@ -16,6 +18,7 @@ run nor trained: MLSH with K = 1 is domain-randomized PPO.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 
 from controller.errors import ConfigError
-from controller.policies import MLSHPolicy
+from controller.policies import CategoricalMLPPolicy, MLSHPolicy
 from controller.ppo import PPOConfig, compute_gae, ppo_update
 from controller.rollout import RolloutCollector, RolloutNetworks, StepFn, by_option, collect_segment, gaussian_log_prob
 from controller.rundir import RunDir
@@ -50,13 +53,17 @@ class MLSHConfig:
     """MLSH schedule and optimization."""
 
     num_task_groups: int = 20
-    """Tasks sampled in sequence; each gets a fresh master and W + U iterations."""
+    """Tasks sampled in all; each gets a fresh master and W + U iterations."""
+    parallel_groups: int = 1
+    """Task groups run side by side, each on an equal block of the env copies with its own task and
+    master (one master PPO update each); their steps pool into one sub-policy update per iteration.
+    Must divide `num_task_groups` and the sampler's `num_envs`."""
     warmup_iterations: int = 2
     """W: iterations per task that update the master only."""
     joint_iterations: int = 6
     """U: iterations per task that update master and sub-policies."""
     steps_per_iteration: int = 2048
-    """Environment steps per iteration, summed over the vector env's copies."""
+    """Environment steps per iteration, summed over the vector env's copies (and parallel groups)."""
     gamma: float = 0.99
     """Discount per control step (sub-policies)."""
     lam: float = 0.95
@@ -99,6 +106,13 @@ class MLSHConfig:
         step = self.master_meta_step
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step <= 1.0:
             raise ConfigError(f"mlsh.master_meta_step must be in (0, 1], got {self.master_meta_step!r}")
+        groups = self.parallel_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ConfigError(f"mlsh.parallel_groups must be a positive integer, got {groups!r}")
+        if self.num_task_groups % groups:
+            raise ConfigError(
+                f"mlsh.parallel_groups = {groups} must divide mlsh.num_task_groups = {self.num_task_groups}"
+            )
 
     @property
     def iterations_per_group(self) -> int:
@@ -106,7 +120,12 @@ class MLSHConfig:
 
 
 class MLSHTrainer:
-    """Runs the MLSH schedule, writing metrics and a checkpoint after every task group."""
+    """Runs the MLSH schedule, writing metrics and a checkpoint after every round of task groups
+    (`parallel_groups` tasks side by side; one task per round by default).
+
+    Attributes:
+        masters: One master per parallel group; the first is the policy's own (the one exported).
+    """
 
     def __init__(
         self,
@@ -125,9 +144,21 @@ class MLSHTrainer:
         self.seed = seed
         self.num_envs = envs.num_envs
         self.macro_steps = policy.macro_steps
+        groups = config.parallel_groups
+        if self.num_envs % groups:
+            raise ConfigError(f"mlsh.parallel_groups = {groups} must divide sampler.num_envs = {self.num_envs}")
+        if groups > 1 and not (hasattr(envs, "call_each") or isinstance(envs, gym.vector.SyncVectorEnv)):
+            raise ConfigError(
+                f"mlsh.parallel_groups = {groups} needs a task per env copy, which sampler backend "
+                f"{type(envs).__name__} cannot set; use backend inline, worker or ray"
+            )
+        self.copies_per_group = self.num_envs // groups
         sub_params = list(policy.subpolicies.parameters())
         self.sub_optimizer = torch.optim.Adam(sub_params, lr=config.sub_ppo.learning_rate)
-        self.master_optimizer = self._new_master_optimizer()
+        self.masters: list[CategoricalMLPPolicy] = [policy.master] + [
+            copy.deepcopy(policy.master) for _ in range(groups - 1)
+        ]
+        self.master_optimizers = [self._new_master_optimizer(master) for master in self.masters]
         self.rng = np.random.default_rng(seed)
         self.group = 0
         self.total_steps = 0
@@ -139,23 +170,24 @@ class MLSHTrainer:
         # Returns of the latest completed episodes, oldest first (diagnostics; not checkpointed).
         self.recent_returns: deque[float] = deque(maxlen=NUM_RECENT_RETURNS)
 
-    def _new_master_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.policy.master.parameters(), lr=self.config.master_ppo.learning_rate)
+    def _new_master_optimizer(self, master: CategoricalMLPPolicy) -> torch.optim.Optimizer:
+        return torch.optim.Adam(master.parameters(), lr=self.config.master_ppo.learning_rate)
 
     def start_master(self, policy: MLSHPolicy | None = None, generator: torch.Generator | None = None) -> None:
         """Put a master where a new task starts, by `config.master_init` (the meta-test does the same).
 
         Args:
-            policy: Whose master to set; default the trained policy (a copy for a meta-test task).
+            policy: Whose master to set (a copy for a meta-test task); default every parallel
+                group's master of the trained policy, in group order.
             generator: Random source of a "reset" master's weights.
         """
-        policy = self.policy if policy is None else policy
-        if self.config.master_init == "reset":
-            policy.reset_master(generator)
-        elif self.config.master_init == "meta":
-            if self.master_init_state is None:
-                raise RuntimeError("master_init 'meta' has no initialization before the first task group")
-            policy.load_master_state_dict(self.master_init_state)
+        for master in self.masters if policy is None else [policy.master]:
+            if self.config.master_init == "reset":
+                master.reset_parameters(generator)
+            elif self.config.master_init == "meta":
+                if self.master_init_state is None:
+                    raise RuntimeError("master_init 'meta' has no initialization before the first task group")
+                master.load_state_dict(self.master_init_state, strict=True)
 
     # -- checkpointing ---------------------------------------------------------------------
 
@@ -164,7 +196,10 @@ class MLSHTrainer:
             "policy": self.policy.state_dict(),
             "policy_config": self.policy.config,
             "sub_optimizer": self.sub_optimizer.state_dict(),
-            "master_optimizer": self.master_optimizer.state_dict(),
+            "master_optimizer": self.master_optimizers[0].state_dict(),
+            # The other parallel groups' masters (the first is in "policy").
+            "group_masters": [master.state_dict() for master in self.masters[1:]],
+            "group_master_optimizers": [optimizer.state_dict() for optimizer in self.master_optimizers[1:]],
             "group": self.group,
             "total_steps": self.total_steps,
             "num_metric_rows": self.num_metric_rows,
@@ -177,7 +212,17 @@ class MLSHTrainer:
         self.policy.load_state_dict(state["policy"])
         self.sub_optimizer.load_state_dict(state["sub_optimizer"])
         if "master_optimizer" in state:
-            self.master_optimizer.load_state_dict(state["master_optimizer"])
+            self.master_optimizers[0].load_state_dict(state["master_optimizer"])
+        group_masters = state.get("group_masters", [])
+        if group_masters and len(group_masters) != len(self.masters) - 1:
+            raise ConfigError(
+                f"checkpoint has {len(group_masters) + 1} parallel groups, the config "
+                f"mlsh.parallel_groups = {len(self.masters)}"
+            )
+        for master, master_state in zip(self.masters[1:], group_masters):
+            master.load_state_dict(master_state)
+        for optimizer, optimizer_state in zip(self.master_optimizers[1:], state.get("group_master_optimizers", [])):
+            optimizer.load_state_dict(optimizer_state)
         self.group = int(state["group"])
         self.total_steps = int(state["total_steps"])
         self.num_metric_rows = int(state["num_metric_rows"])
@@ -201,20 +246,21 @@ class MLSHTrainer:
         from tqdm import tqdm
 
         config = self.config
-        total = config.num_task_groups * config.iterations_per_group
-        bar = tqdm(total=total, initial=self.group * config.iterations_per_group, desc="train", disable=not progress)
+        groups = config.parallel_groups
+        per_round = config.iterations_per_group
+        total = config.num_task_groups // groups * per_round
+        bar = tqdm(total=total, initial=self.group // groups * per_round, desc="train", disable=not progress)
         while self.group < config.num_task_groups:
-            # Everything random in a group derives from (seed, group), so a resumed run repeats it exactly.
+            # Everything random in a round derives from (seed, group), so a resumed run repeats it exactly.
             torch.manual_seed(self.seed * 100_003 + self.group)
             generator = torch.Generator().manual_seed(self.seed * 100_003 + self.group)
-            task = self.sample_task(self.rng)
-            self.envs.call("set_task", task)
+            self._set_tasks([self.sample_task(self.rng) for _ in range(groups)])
             if self.master_init_state is None and config.master_init == "meta":
                 self.policy.reset_master(generator)  # the first group's fresh master is the first init
                 self.master_init_state = self.policy.master_state_dict()
             self.start_master(generator=generator)
             if config.master_init != "keep":
-                self.master_optimizer = self._new_master_optimizer()
+                self.master_optimizers = [self._new_master_optimizer(master) for master in self.masters]
             obs, _ = self.envs.reset(seed=int(self.rng.integers(2**31)))
             self._episode_returns = np.zeros(self.num_envs)
             for iteration in range(config.iterations_per_group):
@@ -233,15 +279,27 @@ class MLSHTrainer:
                 if "episode_return" in stats:
                     bar.set_postfix(ret=f"{stats['episode_return']:.1f}", group=self.group)
             if config.master_init == "meta":
-                self.master_init_state = reptile_step(
-                    self.master_init_state, self.policy.master_state_dict(), config.master_meta_step
-                )
-            self.group += 1
+                # Batched Reptile: one step toward the mean of the round's trained masters.
+                trained = _mean_state([master.state_dict() for master in self.masters])
+                self.master_init_state = reptile_step(self.master_init_state, trained, config.master_meta_step)
+            self.group += groups
             self.run_dir.save_checkpoint(self.state_dict())
             if on_group_end is not None:
                 on_group_end(self)
         bar.close()
         self.run_dir.plot_learning_curve()
+
+    def _set_tasks(self, tasks: list[Any]) -> None:
+        """Give each parallel group's block of env copies its task."""
+        if len(tasks) == 1:
+            self.envs.call("set_task", tasks[0])
+            return
+        per_copy = [tasks[index // self.copies_per_group] for index in range(self.num_envs)]
+        if hasattr(self.envs, "call_each"):
+            self.envs.call_each("set_task", [(task,) for task in per_copy])
+        else:  # SyncVectorEnv (checked at construction)
+            for env, task in zip(self.envs.envs, per_copy, strict=True):
+                env.get_wrapper_attr("set_task")(task)
 
     def _collect(self, obs: np.ndarray, num_steps: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Roll the vector env forward `num_steps` per copy; returns the next obs and the data.
@@ -260,11 +318,14 @@ class MLSHTrainer:
         noise = torch.randn(*shape, policy.act_dim).numpy()
         uniforms = torch.rand(*shape, 3, dtype=torch.float64).numpy() if policy.num_subpolicies > 1 else None
         settings = {"macro_steps": self.macro_steps, "epsilon": self.config.master_epsilon}
+        if len(self.masters) > 1:
+            settings["masters"] = self.masters
         if isinstance(self.envs, RolloutCollector):
             obs, data = self.envs.collect_rollout(policy, obs, noise, uniforms, self._episode_returns, **settings)
         else:
+            masters = settings.pop("masters", None)
             with torch.inference_mode():
-                nets = RolloutNetworks(policy)
+                nets = RolloutNetworks(policy, masters)
                 obs, data = collect_segment(
                     nets, _vector_step(self.envs), obs, noise, uniforms, self._episode_returns, **settings
                 )
@@ -281,20 +342,22 @@ class MLSHTrainer:
             stats["episode_return"] = float(np.mean(finished))
         stats["reward_per_step"] = float(rollout["reward"].mean())
 
-        master_batch = None
+        master_batches = []
         if policy.num_subpolicies > 1:
-            # Master: PPO on macro-steps with macro-level GAE.
-            master_batch = self._master_batch(rollout)
-            if master_batch["obs"].shape[0] >= config.master_ppo.num_minibatches:
-                master_stats = ppo_update(
-                    policy.master.evaluate,
-                    policy.master.parameters(),
-                    self.master_optimizer,
-                    master_batch,
-                    config.master_ppo,
-                    generator,
-                )
-                stats.update({f"master/{k}": v for k, v in master_stats.items()})
+            # Each group's master: PPO on its copies' macro-steps with macro-level GAE.
+            group_stats = []
+            for group, (master, optimizer) in enumerate(zip(self.masters, self.master_optimizers, strict=True)):
+                copies = range(group * self.copies_per_group, (group + 1) * self.copies_per_group)
+                master_batch = self._master_batch(rollout, master, copies)
+                master_batches.append(master_batch)
+                if master_batch["obs"].shape[0] >= config.master_ppo.num_minibatches:
+                    group_stats.append(
+                        ppo_update(
+                            master.evaluate, master.parameters(), optimizer, master_batch, config.master_ppo, generator
+                        )
+                    )
+            for key in group_stats[0] if group_stats else ():  # the mean over groups
+                stats[f"master/{key}"] = float(np.mean([group[key] for group in group_stats]))
         if joint:
             sub_stats = ppo_update(
                 self._sub_evaluate,
@@ -306,8 +369,8 @@ class MLSHTrainer:
             )
             stats.update({f"sub/{k}": v for k, v in sub_stats.items()})
         # Normalizers move after the update so each PPO ratio starts at 1.
-        if master_batch is not None:
-            policy.master.update_normalizer(master_batch["obs"])
+        for master, master_batch in zip(self.masters, master_batches):
+            master.update_normalizer(master_batch["obs"])
         if joint:
             policy.sub_normalizer.update(torch.as_tensor(rollout["obs"], dtype=torch.float32))
         counts = np.bincount(rollout["option"].reshape(-1), minlength=policy.num_subpolicies)
@@ -339,18 +402,20 @@ class MLSHTrainer:
         return gaussian_log_prob(actions, mean, log_std), entropy, value.squeeze(-1)
 
     @torch.no_grad()
-    def _master_batch(self, rollout: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The macro-steps of each env copy in time order (copy 0 first), with macro-level GAE."""
+    def _master_batch(
+        self, rollout: dict[str, Any], master: CategoricalMLPPolicy, copies: range
+    ) -> dict[str, torch.Tensor]:
+        """The macro-steps of env copies `copies` (one group's), each copy's in time order, with
+        macro-level GAE under `master`'s values."""
         # Macro-steps tile each copy's time axis: a step is decided right after a closed one.
         streams = [
-            (np.flatnonzero(rollout["decided"][:, e]), np.flatnonzero(rollout["closed"][:, e]))
-            for e in range(self.num_envs)
+            (e, np.flatnonzero(rollout["decided"][:, e]), np.flatnonzero(rollout["closed"][:, e])) for e in copies
         ]
-        next_obs = np.concatenate([rollout["next_obs"][ends, e] for e, (_, ends) in enumerate(streams)])
-        next_values = self.policy.master.value(torch.as_tensor(next_obs, dtype=torch.float32)).numpy()
+        next_obs = np.concatenate([rollout["next_obs"][ends, e] for e, _, ends in streams])
+        next_values = master.value(torch.as_tensor(next_obs, dtype=torch.float32)).numpy()
         obs, options, log_probs, advantages, returns = [], [], [], [], []
         offset = 0
-        for e, (starts, ends) in enumerate(streams):
+        for e, starts, ends in streams:
             terminated = rollout["terminated"][ends, e]
             adv, ret = compute_gae(
                 np.add.reduceat(rollout["reward"][:, e], starts),  # reward summed over each macro-step
@@ -419,6 +484,16 @@ def reptile_step(init: dict[str, Tensor], trained: dict[str, Tensor], step: floa
     return {
         key: init[key] + step * (value - init[key]) if value.is_floating_point() else value.clone()
         for key, value in trained.items()
+    }
+
+
+def _mean_state(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The entrywise mean of state dicts (floating-point entries; others from the first)."""
+    if len(states) == 1:
+        return states[0]
+    return {
+        key: torch.stack([state[key] for state in states]).mean(0) if value.is_floating_point() else value.clone()
+        for key, value in states[0].items()
     }
 
 

@@ -7,7 +7,7 @@ process over its own env copies (sim/rollout_workers.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from controller.networks import RunningNormalizer
-from controller.policies import MLSHPolicy
+from controller.policies import CategoricalMLPPolicy, MLSHPolicy
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -124,17 +124,23 @@ def frozen_numpy_normalizer(normalizer: RunningNormalizer | None) -> Callable[[n
 
 
 class RolloutNetworks:
-    """Frozen, fused copies of an MLSH policy's networks for one rollout (build and call under inference mode)."""
+    """Frozen, fused copies of an MLSH policy's networks for one rollout (build and call under inference mode).
 
-    def __init__(self, policy: MLSHPolicy) -> None:
+    Args:
+        policy: The policy; its sub-policies act on every row.
+        masters: One master per task group running side by side (MLSH's parallel groups), each
+            choosing for an equal, contiguous block of the rows (env copies); default the policy's own.
+    """
+
+    def __init__(self, policy: MLSHPolicy, masters: Sequence[CategoricalMLPPolicy] | None = None) -> None:
         self.num_options = policy.num_subpolicies
         self.act_dim = policy.act_dim
         self.sub_normalize = frozen_normalizer(policy.sub_normalizer)
         self.sub_normalize_numpy = frozen_numpy_normalizer(policy.sub_normalizer)
         self.subpolicies = [FusedMLP(sub.actor, sub.critic) for sub in policy.subpolicies]
         self.log_std = torch.stack([sub.log_std.detach() for sub in policy.subpolicies])  # [K, act_dim]
-        self.master_normalize = frozen_normalizer(policy.master.normalizer)
-        self.master = FusedMLP(policy.master.actor, policy.master.critic)
+        masters = [policy.master] if masters is None else list(masters)
+        self.masters = [(frozen_normalizer(m.normalizer), FusedMLP(m.actor, m.critic)) for m in masters]
 
     def sub(self, obs: Tensor, options: np.ndarray) -> tuple[Tensor, Tensor]:
         """Action mean [N, act_dim] and value [N] of each row's sub-policy (options [N] int), for raw
@@ -155,7 +161,8 @@ class RolloutNetworks:
         return out[:, : self.act_dim], out[:, self.act_dim]
 
     def choose(self, obs: Tensor, uniforms: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Epsilon-greedy master choice per row, as `CategoricalMLPPolicy.act(obs, epsilon=epsilon)`.
+        """Epsilon-greedy master choice per row, as `CategoricalMLPPolicy.act(obs, epsilon=epsilon)` of the
+        row's master.
 
         Args:
             obs: [N, obs_dim] raw observations.
@@ -165,7 +172,14 @@ class RolloutNetworks:
         Returns:
             option [N] int64, log_prob [N] of the option under the master's own distribution, value [N].
         """
-        out = self.master(self.master_normalize(obs))
+        if len(self.masters) == 1:
+            normalize, master = self.masters[0]
+            out = master(normalize(obs))
+        else:
+            if len(obs) % len(self.masters):
+                raise ValueError(f"{len(obs)} rows do not split into {len(self.masters)} equal master blocks")
+            block = len(obs) // len(self.masters)
+            out = torch.cat([master(normalize(rows)) for (normalize, master), rows in zip(self.masters, obs.split(block))])
         log_probs = torch.log_softmax(out[:, : self.num_options], dim=-1).numpy()
         cdf = np.cumsum(np.exp(log_probs.astype(np.float64)), axis=-1)
         cdf /= cdf[:, -1:]  # exactly 1 at the end, so the inverse CDF stays in range
@@ -197,8 +211,9 @@ class RolloutCollector(Protocol):
         *,
         macro_steps: int,
         epsilon: float,
+        masters: Sequence[CategoricalMLPPolicy] | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """`collect_segment(RolloutNetworks(policy), <its copies' step>, obs, ...)` over all copies."""
+        """`collect_segment(RolloutNetworks(policy, masters), <its copies' step>, obs, ...)` over all copies."""
         ...
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from controller.errors import ConfigError
-from controller.policies import MLSHPolicy
+from controller.policies import CategoricalMLPPolicy, MLSHPolicy
 from controller.rollout import RolloutNetworks, StepFn, collect_segment
 from sim.samplers import EnvWorker, RemoteVectorEnv
 
@@ -172,11 +172,14 @@ class RolloutWorkerVectorEnv(RemoteVectorEnv):
         *,
         macro_steps: int,
         epsilon: float,
+        masters: Sequence[CategoricalMLPPolicy] | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """`collect_segment` over every copy, each copy's columns run in its own worker.
 
         Args:
             policy: The policy to act with; its weights go to every worker.
+            masters: One master per equal, contiguous block of copies (see `RolloutNetworks`); each
+                worker gets its block's master in place of the policy's.
             obs: [E, obs_dim] the current observations (those the copies' last reset/step returned).
             noise: [T, E, act_dim]; uniforms: [T, E, 3] or None (see `collect_segment`).
             episode_returns: [E] running episode returns; updated in place.
@@ -186,11 +189,19 @@ class RolloutWorkerVectorEnv(RemoteVectorEnv):
             The next observations [E, obs_dim] and the segment, as `collect_segment` over all copies.
         """
         weights = {name: value.numpy() for name, value in policy.state_dict().items()}
+        masters = [policy.master] if masters is None else list(masters)
+        if self.num_envs % len(masters):
+            raise ValueError(f"{self.num_envs} env copies do not split into {len(masters)} equal master blocks")
+        block = self.num_envs // len(masters)
+        copy_weights = [
+            {**weights, **{f"master.{name}": value.numpy() for name, value in master.state_dict().items()}}
+            for master in masters
+        ]
         settings = {"macro_steps": macro_steps, "epsilon": epsilon}
         args = [
             (
                 policy.config,
-                weights,
+                copy_weights[index // block],
                 obs[index : index + 1],
                 np.ascontiguousarray(noise[:, index : index + 1]),
                 None if uniforms is None else np.ascontiguousarray(uniforms[:, index : index + 1]),

@@ -198,6 +198,12 @@ class RemoteVectorEnv(gym.vector.VectorEnv):
         """Call method `name` (or read attribute `name`) on every copy; one result per copy."""
         return tuple(self._call_workers("call", [(name, args, kwargs)] * self.num_envs))
 
+    def call_each(self, name: str, args: Sequence[tuple]) -> tuple[Any, ...]:
+        """Call method `name` on every copy i with its own positional arguments `args[i]`; one result per copy."""
+        if len(args) != self.num_envs:
+            raise ValueError(f"got {len(args)} argument tuples for num_envs={self.num_envs}")
+        return tuple(self._call_workers("call", [(name, tuple(single), {}) for single in args]))
+
     def get_attr(self, name: str) -> tuple[Any, ...]:
         return self.call(name)
 
