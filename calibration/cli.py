@@ -102,6 +102,7 @@ def _adapt(args: argparse.Namespace) -> int:
         command_vx=args.command_vx,
         calibration=_calibration(args.calibration),
         reset_wait=args.reset_wait,
+        keep_master=args.keep_master,
     )
     if result.algorithm == "rl2":
         print(f"return before: {result.return_before:.1f}  (fresh memory: {_fmt(result.before_returns)})")
@@ -289,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("-k", type=int, default=3, help="adaptation episodes")
     adapt.add_argument("--eval-episodes", type=int, default=1, help="evaluation episodes before and after")
     adapt.add_argument("--rollback", action="store_true", help="restore the previous version of the bundle")
+    adapt.add_argument(
+        "--keep-master",
+        action="store_true",
+        help="MLSH: adapt the bundle's current master (default: start a new task's master as training did)",
+    )
     adapt.set_defaults(handler=_adapt)
 
     evaluation = commands.add_parser("eval", help="meta-test: return after K adaptation episodes on held-out tasks")

@@ -7,13 +7,15 @@ learning baseline (PPO on every sub-policy weight from the same episodes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from controller.errors import ConfigError
-from controller.policies import MLSHPolicy
+from controller.policies import CategoricalMLPPolicy, MLSHPolicy
 from controller.ppo import PPOConfig, compute_gae, ppo_update
 
 BASELINES = ("critic", "episodes")
@@ -81,6 +83,45 @@ class AdaptConfig:
     def __post_init__(self) -> None:
         if self.baseline not in BASELINES:
             raise ConfigError(f"adapt baseline {self.baseline!r} unknown; valid: {', '.join(BASELINES)}")
+
+
+NEW_MASTER_ADAPT = AdaptConfig(baseline="episodes", update_normalizer=False)
+"""How a new task's freshly started master learns from the K episodes: its critic knows nothing of
+the task yet (so the K episodes are compared with each other) and its normalizer has no statistics
+worth moving."""
+
+MASTER_INITS = ("reset", "keep", "meta")
+"""Where a new task's master starts (`MLSHConfig.master_init`)."""
+
+
+def start_task_master(
+    master: CategoricalMLPPolicy,
+    master_init: str,
+    generator: torch.Generator | None = None,
+    init_state: Mapping[str, Tensor] | None = None,
+) -> AdaptConfig:
+    """Put `master` where a new task's master starts in MLSH training, and return the settings that
+    adapt it from K episodes.
+
+    Args:
+        master: The master to set (of a copy of the policy, for a meta-test or robot task).
+        master_init: "reset" (fresh weights and normalizer, as in Frans et al.), "keep" (leave it:
+            the trained master) or "meta" (load `init_state`, the meta-learned initialization).
+        generator: Random source of a reset master's weights.
+        init_state: The meta-learned master (weights and normalizer), for "meta".
+
+    Returns:
+        `NEW_MASTER_ADAPT` for a started master, the critic-baseline `AdaptConfig()` for a kept one.
+    """
+    if master_init == "reset":
+        master.reset_parameters(generator)
+    elif master_init == "meta":
+        if init_state is None:
+            raise ConfigError("master_init 'meta' needs the meta-learned master initialization; none was given")
+        master.load_state_dict(init_state, strict=True)
+    elif master_init != "keep":
+        raise ConfigError(f"master_init '{master_init}' unknown; valid: {', '.join(MASTER_INITS)}")
+    return replace(NEW_MASTER_ADAPT) if master_init != "keep" else AdaptConfig()
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

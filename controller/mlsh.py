@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from controller.adaptation import MASTER_INITS, start_task_master
 from controller.errors import ConfigError
 from controller.policies import CategoricalMLPPolicy, MLSHPolicy
 from controller.ppo import PPOConfig, compute_gae, ppo_update
@@ -44,8 +45,6 @@ logger = logging.getLogger(__name__)
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 NUM_RECENT_RETURNS = 100
 """Completed-episode returns kept in `MLSHTrainer.recent_returns`."""
-MASTER_INITS = ("reset", "keep", "meta")
-"""Valid `MLSHConfig.master_init` values."""
 
 
 @dataclass
@@ -181,13 +180,10 @@ class MLSHTrainer:
                 group's master of the trained policy, in group order.
             generator: Random source of a "reset" master's weights.
         """
+        if self.config.master_init == "meta" and self.master_init_state is None:
+            raise RuntimeError("master_init 'meta' has no initialization before the first task group")
         for master in self.masters if policy is None else [policy.master]:
-            if self.config.master_init == "reset":
-                master.reset_parameters(generator)
-            elif self.config.master_init == "meta":
-                if self.master_init_state is None:
-                    raise RuntimeError("master_init 'meta' has no initialization before the first task group")
-                master.load_state_dict(self.master_init_state, strict=True)
+            start_task_master(master, self.config.master_init, generator, self.master_init_state)
 
     # -- checkpointing ---------------------------------------------------------------------
 

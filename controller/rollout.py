@@ -179,7 +179,8 @@ class RolloutNetworks:
             if len(obs) % len(self.masters):
                 raise ValueError(f"{len(obs)} rows do not split into {len(self.masters)} equal master blocks")
             block = len(obs) // len(self.masters)
-            out = torch.cat([master(normalize(rows)) for (normalize, master), rows in zip(self.masters, obs.split(block))])
+            blocks = zip(self.masters, obs.split(block), strict=True)
+            out = torch.cat([master(normalize(rows)) for (normalize, master), rows in blocks])
         log_probs = torch.log_softmax(out[:, : self.num_options], dim=-1).numpy()
         cdf = np.cumsum(np.exp(log_probs.astype(np.float64)), axis=-1)
         cdf /= cdf[:, -1:]  # exactly 1 at the end, so the inverse CDF stays in range

@@ -1,7 +1,11 @@
 """`metactl adapt`: K episodes on the robot -> a new MLSH master, kept only if it is not worse.
 
-Acting uses the ONNX runtime (what runs on the robot); only the update uses torch. The update is
-PPO on the master's macro-steps with a tight clip and KL stop, suited to a few hundred decisions.
+New terrain is a new task: its master starts where a new task's master started in training (the
+bundle's `mlsh.master_init`: a fresh one for "reset", as in Frans et al. and `metactl eval`), the K
+episodes sample it, and the update compares them with each other; `keep_master` adapts the
+bundle's current master instead, with its critic as baseline. Acting uses the ONNX runtime (what
+runs on the robot); only the update uses torch. The update is PPO on the master's macro-steps with
+a tight clip and KL stop, suited to a few hundred decisions.
 `adapt` dispatches on the bundle's algorithm: MAML, Meta-SGD and the learned optimizer take their
 inner step(s) in deploy/adapt_gradient.py; RL^2 adapts in its hidden state (deploy/adapt_gradient.py too).
 """
@@ -11,12 +15,14 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from controller.adaptation import AdaptConfig, Episode, update_master
+from controller.adaptation import AdaptConfig, Episode, start_task_master, update_master
 from controller.rundir import load_torch
 from deploy.bundle import FULL_POLICY, MASTER, Bundle, load_bundle, next_version, promote
 from deploy.control import Runtime, run_episodes
@@ -129,8 +135,12 @@ def adapt(
     config: AdaptConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    keep_master: bool = False,
 ) -> AdaptResult:
     """Evaluate, collect K episodes with a sampling master, update it, evaluate, keep if not worse.
+
+    The master that samples and learns is a new task's start (see the module doc), or with
+    `keep_master` the bundle's current one; `config` overrides the update settings that go with it.
 
     For a MAML / Meta-SGD / learned-optimizer bundle the update is the inner step; for RL^2 the
     episodes run as one trial and nothing is written (see deploy/adapt_gradient.py).
@@ -150,19 +160,25 @@ def adapt(
         return adapt_gradient(
             bundle, url, num_episodes=num_episodes, eval_episodes=eval_episodes, seed=seed, progress=progress, **robot
         )
-    config = config or AdaptConfig()
     runtime = PolicyRuntime(bundle, rng=np.random.default_rng(seed))
     policy = load_policy_file(bundle_dir / FULL_POLICY)
     try:
         policy.load_master_state_dict(load_torch(bundle_dir / MASTER))
     except (KeyError, RuntimeError) as error:
         raise BundleError(f"{bundle_dir / MASTER} does not fit this bundle's policy: {error}") from error
+    master_init = "keep" if keep_master else new_task_master_init(bundle)
+    started = start_task_master(policy.master, master_init, torch.Generator().manual_seed(seed))
+    config = config or started
     env = adaptation_robot(bundle, url, seconds, command_vx, calibration, reset_wait)
     label = (lambda text: text) if progress else (lambda text: None)
     try:
         connect_for_adaptation(env, bundle, url)
         before = run_episodes(env, runtime, eval_episodes, progress=label("evaluate before"))
-        collected = run_episodes(env, runtime, num_episodes, deterministic=False, progress=label("adapt episodes"))
+        sampling = runtime
+        if master_init != "keep":  # the episodes sample the started master: export it for the runtime
+            start_dir = write_version_to(Path(tempfile.mkdtemp(prefix="metactl-start-")), policy, bundle.manifest)
+            sampling = PolicyRuntime(start_dir, rng=np.random.default_rng(seed))
+        collected = run_episodes(env, sampling, num_episodes, deterministic=False, progress=label("adapt episodes"))
         usable = [episode for episode in collected if episode.complete]
         if len(usable) < len(collected):
             logger.warning("%d of %d episodes had gaps and are left out", len(collected) - len(usable), len(collected))
@@ -178,6 +194,17 @@ def adapt(
     finally:
         env.close()
     return keep_if_not_worse(bundle, runtime, candidate, candidate_dir, before, collected, after, update_seconds)
+
+
+def new_task_master_init(bundle: Bundle) -> str:
+    """Where the bundle's training started each task's master (`mlsh.master_init`); "keep" where the
+    bundle cannot start one the same way (a meta-learned init is not exported)."""
+    mlsh = bundle.manifest.get("training", {}).get("config", {}).get("mlsh", {})
+    master_init = mlsh.get("master_init", "reset" if mlsh.get("reset_master", True) else "keep")
+    if master_init == "meta":
+        logger.warning("the bundle does not carry its meta-learned master init: adapting its current master")
+        return "keep"
+    return master_init
 
 
 def keep_if_not_worse(

@@ -2,7 +2,9 @@
 episodes with the deterministic policy, per held-out task), in simulation, for a run of any algorithm.
 
 The run's algorithm (its config.yaml `algorithm`) decides how the K episodes are used:
-- MLSH adapts its master from the K episodes (K = 0 is the policy as exported);
+- MLSH: a new task's master starts as in the run's training (`mlsh.master_init`: fresh for "reset",
+  as in Frans et al.; the meta-learned init for "meta"; the trained master for "keep") and adapts
+  from the K episodes (K = 0 is that start);
 - MAML, Meta-SGD, the learned optimizer: the inner step(s) on K sampled episodes, through the same
   function the robot adapter uses (sim/evaluation_meta.py);
 - RL^2: the K episodes and then the evaluation episodes run as one trial, the hidden state carried
@@ -27,9 +29,10 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from controller.adaptation import AdaptConfig, Episode, finetune_all, update_master
-from controller.config import load_yaml
+from controller.adaptation import AdaptConfig, Episode, finetune_all, start_task_master, update_master
+from controller.config import build, load_yaml
 from controller.errors import ConfigError
+from controller.mlsh import MLSHConfig
 from controller.policies import MLSHPolicy
 from controller.rundir import RunDir
 from sim.env import LocomotionEnv
@@ -58,6 +61,10 @@ class LoadedRun:
     """The run's config.yaml `algorithm`."""
     meta: MetaModel | None = None
     """Gradient-based and RL^2 runs: what their meta-test needs."""
+    master_init: str = "keep"
+    """MLSH runs: where a new task's master starts (the run's `mlsh.master_init`)."""
+    master_init_state: dict[str, torch.Tensor] | None = None
+    """MLSH runs with master_init "meta": the meta-learned master initialization."""
 
     @property
     def privileged(self) -> bool:
@@ -83,7 +90,14 @@ def load_run(path: str | Path) -> LoadedRun:
         )
     policy = MLSHPolicy(**checkpoint["policy_config"])
     policy.load_state_dict(checkpoint["policy"])
-    return LoadedRun(Path(path).name, policy.eval(), config)
+    master_init = build(MLSHConfig, dict(config.get("mlsh") or {}), "mlsh").master_init
+    return LoadedRun(
+        Path(path).name,
+        policy.eval(),
+        config,
+        master_init=master_init,
+        master_init_state=checkpoint.get("master_init"),
+    )
 
 
 def load_tasks(path: str | Path) -> list[Task]:
@@ -169,6 +183,11 @@ def evaluate_method(
             returns = rl2_returns(env, run.meta.policy, k, eval_episodes, seed)
         return float(np.mean(returns)), returns
     policy = copy.deepcopy(run.policy)
+    config = AdaptConfig()
+    if mode == "adapt" and policy.num_subpolicies > 1:
+        # The master a new task starts from in training; K = 0 evaluates that start.
+        generator = torch.Generator().manual_seed(seed)
+        config = start_task_master(policy.master, run.master_init, generator, run.master_init_state)
     if k > 0:
         rng = np.random.default_rng(seed)
         episodes = [
@@ -176,9 +195,9 @@ def evaluate_method(
             for i in range(k)
         ]
         if mode == "adapt":
-            update_master(policy, episodes, AdaptConfig(), seed)
+            update_master(policy, episodes, config, seed)
         else:
-            finetune_all(policy, episodes, AdaptConfig(), seed)
+            finetune_all(policy, episodes, config, seed)
     returns = [rollout(env, policy, seed + i).total_return for i in range(eval_episodes)]
     return float(np.mean(returns)), returns
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from controller import baselines
-from controller.adaptation import AdaptConfig, update_master
+from controller.adaptation import NEW_MASTER_ADAPT, update_master
 from controller.errors import ConfigError
 from controller.learned_update import LearnedOptimizer, LearnedOptimizerMAML, MetaSGD
 from controller.maml import MAML, MetaLearner
@@ -224,9 +224,8 @@ def _rl2(budget: SuiteBudget, seed: int, max_k: int) -> Evaluate:
     return evaluate
 
 
-MLSH_ADAPT = AdaptConfig(baseline="episodes", update_normalizer=False)
-"""How a new task's master learns from the K episodes: its critic knows nothing of the task yet (so
-the K episodes are compared with each other) and its normalizer has no statistics worth moving."""
+MLSH_ADAPT = NEW_MASTER_ADAPT
+"""How a new task's master learns from the K episodes (`controller.adaptation.NEW_MASTER_ADAPT`)."""
 
 
 def train_mlsh(

@@ -1,0 +1,78 @@
+"""A new task's MLSH master starts as in training, in the meta-test (`metactl eval`) and on the robot
+(`metactl adapt`): `start_task_master` and the places that call it."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from controller.adaptation import NEW_MASTER_ADAPT, AdaptConfig, start_task_master
+from controller.errors import ConfigError
+from controller.policies import MLSHPolicy
+from deploy.adapt import new_task_master_init
+from deploy.bundle import Bundle
+from sim.env import LocomotionEnv
+from sim.evaluation import evaluate_method, load_run, rollout
+from sim.tasks import Task
+
+
+def _policy() -> MLSHPolicy:
+    torch.manual_seed(0)
+    policy = MLSHPolicy(6, 2, num_subpolicies=3, macro_steps=4, sub_hidden=(8,), master_hidden=(8,))
+    policy.master.update_normalizer(torch.randn(50, 6) * 3)
+    return policy
+
+
+def test_start_task_master_by_master_init():
+    trained = _policy().master
+    reset = copy.deepcopy(trained)
+    assert start_task_master(reset, "reset", torch.Generator().manual_seed(4)) == NEW_MASTER_ADAPT
+    again = copy.deepcopy(trained)
+    start_task_master(again, "reset", torch.Generator().manual_seed(4))
+    for key, value in reset.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key  # the generator decides the weights
+    assert not torch.equal(reset.actor[0].weight, trained.actor[0].weight)
+    assert float(reset.normalizer.count) == 1e-4 and not reset.normalizer.mean.any()  # statistics cleared
+
+    kept = copy.deepcopy(trained)
+    assert start_task_master(kept, "keep") == AdaptConfig()  # the trained critic is a baseline
+    assert torch.equal(kept.actor[0].weight, trained.actor[0].weight)
+
+    meta = copy.deepcopy(trained)
+    init = {key: value + 1.0 for key, value in reset.state_dict().items()}
+    assert start_task_master(meta, "meta", init_state=init) == NEW_MASTER_ADAPT
+    assert torch.equal(meta.actor[0].weight, init["actor.0.weight"])
+    with pytest.raises(ConfigError, match="needs the meta-learned master initialization"):
+        start_task_master(copy.deepcopy(trained), "meta")
+    with pytest.raises(ConfigError, match="master_init 'fresh' unknown"):
+        start_task_master(copy.deepcopy(trained), "fresh")
+
+
+def test_robot_adapter_starts_masters_as_the_bundles_training_did():
+    def bundle(mlsh: dict) -> Bundle:
+        return Bundle(Path("."), {"training": {"config": {"mlsh": mlsh}}}, None)
+
+    assert new_task_master_init(bundle({"master_init": "reset"})) == "reset"
+    assert new_task_master_init(bundle({"master_init": "keep"})) == "keep"
+    assert new_task_master_init(bundle({"reset_master": False})) == "keep"  # the deprecated spelling
+    assert new_task_master_init(bundle({})) == "reset"  # the training default
+    assert new_task_master_init(bundle({"master_init": "meta"})) == "keep"  # its init is not exported
+
+
+def test_eval_k0_is_a_new_tasks_start_master(tiny_run: Path):
+    run = load_run(tiny_run)
+    assert run.master_init == "reset"  # configs/a1_quick.yaml trains with the default
+    env = LocomotionEnv("a1", Task(command_vx=0.5), episode_seconds=1.0)
+    try:
+        got, _ = evaluate_method(env, run, 0, "adapt", 1, seed=7)
+        fresh = copy.deepcopy(run.policy)
+        start_task_master(fresh.master, "reset", torch.Generator().manual_seed(7))
+        assert got == rollout(env, fresh, 7).total_return
+        kept = copy.deepcopy(run)
+        kept.master_init = "keep"
+        assert evaluate_method(env, kept, 0, "adapt", 1, seed=7)[0] == rollout(env, run.policy, 7).total_return
+    finally:
+        env.close()
