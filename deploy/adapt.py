@@ -169,15 +169,16 @@ def adapt(
     master_init = "keep" if keep_master else new_task_master_init(bundle)
     started = start_task_master(policy.master, master_init, torch.Generator().manual_seed(seed))
     config = config or started
+    sampling = runtime
+    if master_init != "keep":  # the episodes sample the started master: its graph, exported before the link opens
+        with tempfile.TemporaryDirectory(prefix="metactl-start-") as scratch:
+            start_dir = write_version_to(Path(scratch), policy, bundle.manifest)
+            sampling = PolicyRuntime(start_dir, np.random.default_rng(seed))
     env = adaptation_robot(bundle, url, seconds, command_vx, calibration, reset_wait)
     label = (lambda text: text) if progress else (lambda text: None)
     try:
         connect_for_adaptation(env, bundle, url)
         before = run_episodes(env, runtime, eval_episodes, progress=label("evaluate before"))
-        sampling = runtime
-        if master_init != "keep":  # the episodes sample the started master: export it for the runtime
-            start_dir = write_version_to(Path(tempfile.mkdtemp(prefix="metactl-start-")), policy, bundle.manifest)
-            sampling = PolicyRuntime(start_dir, rng=np.random.default_rng(seed))
         collected = run_episodes(env, sampling, num_episodes, deterministic=False, progress=label("adapt episodes"))
         usable = [episode for episode in collected if episode.complete]
         if len(usable) < len(collected):
