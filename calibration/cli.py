@@ -180,6 +180,7 @@ def _eval(args: argparse.Namespace) -> int:
         oracle=args.oracle,
         eval_episodes=args.episodes,
         seconds=args.seconds,
+        seed=args.seed,
         out_dir=args.out,
     )
     from sim.evaluation import markdown_table
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--oracle", help="run trained with the true task in its observation")
     evaluation.add_argument("--episodes", type=int, default=2, help="evaluation episodes per task and K")
     evaluation.add_argument("--seconds", type=float, default=10.0, help="episode length")
+    evaluation.add_argument(
+        "--seed", type=int, default=0, help="base seed of episodes and new-task masters (task i: seed + 100 i)"
+    )
     evaluation.add_argument("--out", help="where to write eval.md/json/png (default: the run directory)")
     evaluation.add_argument("--json", action="store_true", help="end with one JSON line")
     evaluation.set_defaults(handler=_eval)
