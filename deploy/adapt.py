@@ -24,7 +24,16 @@ import torch
 
 from controller.adaptation import AdaptConfig, Episode, start_task_master, update_master
 from controller.rundir import load_torch
-from deploy.bundle import FULL_POLICY, MASTER, Bundle, load_bundle, next_version, promote
+from deploy.bundle import (
+    FULL_POLICY,
+    MASTER,
+    MASTER_INIT,
+    Bundle,
+    load_bundle,
+    load_master_init,
+    next_version,
+    promote,
+)
 from deploy.control import Runtime, run_episodes
 from deploy.errors import BundleError
 from deploy.export import load_policy_file, write_version_to
@@ -167,7 +176,11 @@ def adapt(
     except (KeyError, RuntimeError) as error:
         raise BundleError(f"{bundle_dir / MASTER} does not fit this bundle's policy: {error}") from error
     master_init = "keep" if keep_master else new_task_master_init(bundle)
-    started = start_task_master(policy.master, master_init, torch.Generator().manual_seed(seed))
+    init_state = load_master_init(bundle) if master_init == "meta" else None
+    try:
+        started = start_task_master(policy.master, master_init, torch.Generator().manual_seed(seed), init_state)
+    except (KeyError, RuntimeError) as error:
+        raise BundleError(f"{bundle_dir / MASTER_INIT} does not fit this bundle's policy: {error}") from error
     config = config or started
     sampling = runtime
     if master_init != "keep":  # the episodes sample the started master: its graph, exported before the link opens
@@ -199,10 +212,10 @@ def adapt(
 
 def new_task_master_init(bundle: Bundle) -> str:
     """Where the bundle's training started each task's master (`mlsh.master_init`); "keep" where the
-    bundle cannot start one the same way (a meta-learned init is not exported)."""
+    bundle cannot start one the same way (a "meta" bundle exported without its initialization)."""
     mlsh = bundle.manifest.get("training", {}).get("config", {}).get("mlsh", {})
     master_init = mlsh.get("master_init", "reset" if mlsh.get("reset_master", True) else "keep")
-    if master_init == "meta":
+    if master_init == "meta" and not bundle.manifest.get("master_init_sha256"):
         logger.warning("the bundle does not carry its meta-learned master init: adapting its current master")
         return "keep"
     return master_init

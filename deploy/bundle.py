@@ -43,6 +43,8 @@ POLICY = "policy.onnx"
 MASTER = "master.pt"
 FULL_POLICY = "policy.pt"
 ADAPTATION = "adaptation.pt"
+MASTER_INIT = "master_init.pt"
+"""MLSH bundles trained with `mlsh.master_init: meta`: the meta-learned master a new task starts from."""
 VERSIONED_FILES = (MANIFEST, POLICY, MASTER)
 """An MLSH version's files."""
 ARCHIVED_FILES = (MANIFEST, POLICY, MASTER, ADAPTATION)
@@ -173,6 +175,30 @@ def check_adaptable_file(path: Path, manifest: dict[str, Any]) -> Path:
             f"the manifest expects {expected[:16]}...; restore it (metactl adapt --rollback) or re-export"
         )
     return target
+
+
+def load_master_init(bundle: Bundle) -> dict[str, Any] | None:
+    """The meta-learned master initialization of an MLSH bundle that carries one (else None), checked
+    against the manifest's `master_init_sha256`.
+
+    Raises:
+        BundleError: the manifest names the file but it is missing or its bytes are not the exported ones.
+    """
+    expected = bundle.manifest.get("master_init_sha256")
+    if not expected:
+        return None
+    target = bundle.path / MASTER_INIT
+    if not target.exists():
+        raise BundleError(f"bundle {bundle.path} lacks its meta-learned master initialization {MASTER_INIT}")
+    actual = file_sha256(target)
+    if actual != expected:
+        raise BundleError(
+            f"{target} is corrupted or belongs to another bundle: sha256 {actual[:16]}..., "
+            f"the manifest expects {expected[:16]}...; re-export the bundle"
+        )
+    from controller.rundir import load_torch
+
+    return load_torch(target)
 
 
 def list_versions(path: str | Path) -> list[str]:

@@ -25,10 +25,12 @@ from deploy.bundle import (
     INPUT_NAME,
     MANIFEST,
     MASTER,
+    MASTER_INIT,
     METADATA_KEY,
     OUTPUT_NAMES,
     POLICY,
     archive_current,
+    file_sha256,
     manifest_json,
 )
 from deploy.errors import BundleError
@@ -215,6 +217,9 @@ def export_run(run_dir: str | Path, bundle_dir: str | Path) -> Path:
         bar.update(1)
         manifest = build_manifest(spec, policy, training)
         bundle_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint.get("master_init") is not None:  # a new task's master starts from it, on the robot too
+            save_torch(checkpoint["master_init"], bundle_dir / MASTER_INIT)
+            manifest["master_init_sha256"] = file_sha256(bundle_dir / MASTER_INIT)
         save_torch({"config": policy.config, "state_dict": policy.state_dict()}, bundle_dir / FULL_POLICY)
         bar.update(1)
         write_version(bundle_dir, policy, manifest)

@@ -13,10 +13,12 @@ from controller.adaptation import NEW_MASTER_ADAPT, AdaptConfig, start_task_mast
 from controller.errors import ConfigError
 from controller.policies import MLSHPolicy
 from deploy.adapt import new_task_master_init
-from deploy.bundle import Bundle
+from deploy.bundle import MASTER_INIT, Bundle, load_bundle, load_master_init
+from deploy.errors import BundleError
 from sim.env import LocomotionEnv
 from sim.evaluation import evaluate_method, load_run, rollout
 from sim.tasks import Task
+from tests.conftest import TINY_OVERRIDES, metactl
 
 
 def _policy() -> MLSHPolicy:
@@ -59,7 +61,7 @@ def test_robot_adapter_starts_masters_as_the_bundles_training_did():
     assert new_task_master_init(bundle({"master_init": "keep"})) == "keep"
     assert new_task_master_init(bundle({"reset_master": False})) == "keep"  # the deprecated spelling
     assert new_task_master_init(bundle({})) == "reset"  # the training default
-    assert new_task_master_init(bundle({"master_init": "meta"})) == "keep"  # its init is not exported
+    assert new_task_master_init(bundle({"master_init": "meta"})) == "keep"  # exported without its init
 
 
 def test_eval_k0_is_a_new_tasks_start_master(tiny_run: Path):
@@ -76,3 +78,29 @@ def test_eval_k0_is_a_new_tasks_start_master(tiny_run: Path):
         assert evaluate_method(env, kept, 0, "adapt", 1, seed=7)[0] == rollout(env, run.policy, 7).total_return
     finally:
         env.close()
+
+
+def test_a_meta_bundle_carries_its_master_init_checked(tmp_path: Path, emulator):
+    run_dir, bundle_dir = tmp_path / "run", tmp_path / "bundle"
+    overrides = [item for value in [*TINY_OVERRIDES, "mlsh.master_init=meta"] for item in ("--set", value)]
+    metactl("train", "configs/a1_quick.yaml", "--run-dir", str(run_dir), "--quiet", *overrides)
+    metactl("export", str(run_dir), "-o", str(bundle_dir))
+    bundle = load_bundle(bundle_dir)
+    assert new_task_master_init(bundle) == "meta"
+    init = load_master_init(bundle)
+    want = load_run(run_dir).master_init_state
+    assert init.keys() == want.keys() and all(torch.equal(init[key], want[key]) for key in want)
+    start = copy.deepcopy(load_run(run_dir).policy)
+    assert start_task_master(start.master, "meta", init_state=init) == NEW_MASTER_ADAPT
+    robot = emulator("--lockstep", "--task", "configs/tasks/a1_heldout_slippery.yaml")
+    adapted = metactl("adapt", str(bundle_dir), "--port", robot.port, "-k", "2", "--seconds", "1")
+    assert "return after:" in adapted.stdout and "adapting its current master" not in adapted.stderr
+
+    data = bytearray((bundle_dir / MASTER_INIT).read_bytes())
+    data[-10] ^= 0xFF
+    (bundle_dir / MASTER_INIT).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="master_init.pt is corrupted"):
+        load_master_init(load_bundle(bundle_dir))
+    (bundle_dir / MASTER_INIT).unlink()
+    with pytest.raises(BundleError, match="lacks its meta-learned master initialization"):
+        load_master_init(load_bundle(bundle_dir))
