@@ -165,16 +165,8 @@ def check_adaptable_file(path: Path, manifest: dict[str, Any]) -> Path:
         raise BundleError(
             f"{path / MANIFEST}: a {manifest.get('algorithm')} bundle needs adaptable and adaptable_sha256"
         )
-    target = path / name
-    if not target.exists():
-        raise BundleError(f"bundle {path} lacks its adaptable state {name}")
-    actual = file_sha256(target)
-    if actual != expected:
-        raise BundleError(
-            f"{target} is corrupted or belongs to another bundle version: sha256 {actual[:16]}..., "
-            f"the manifest expects {expected[:16]}...; restore it (metactl adapt --rollback) or re-export"
-        )
-    return target
+    remedy = "restore it (metactl adapt --rollback) or re-export"
+    return _checked_file(path / name, expected, f"its adaptable state {name}", remedy)
 
 
 def load_master_init(bundle: Bundle) -> dict[str, Any] | None:
@@ -187,18 +179,24 @@ def load_master_init(bundle: Bundle) -> dict[str, Any] | None:
     expected = bundle.manifest.get("master_init_sha256")
     if not expected:
         return None
-    target = bundle.path / MASTER_INIT
-    if not target.exists():
-        raise BundleError(f"bundle {bundle.path} lacks its meta-learned master initialization {MASTER_INIT}")
-    actual = file_sha256(target)
-    if actual != expected:
-        raise BundleError(
-            f"{target} is corrupted or belongs to another bundle: sha256 {actual[:16]}..., "
-            f"the manifest expects {expected[:16]}...; re-export the bundle"
-        )
+    what = f"its meta-learned master initialization {MASTER_INIT}"
+    target = _checked_file(bundle.path / MASTER_INIT, expected, what, "re-export the bundle")
     from controller.rundir import load_torch
 
     return load_torch(target)
+
+
+def _checked_file(target: Path, expected: str, what: str, remedy: str) -> Path:
+    """`target`, present and with sha256 `expected`; else a BundleError saying what is wrong and `remedy`."""
+    if not target.exists():
+        raise BundleError(f"bundle {target.parent} lacks {what}")
+    actual = file_sha256(target)
+    if actual != expected:
+        raise BundleError(
+            f"{target} is corrupted or belongs to another bundle version: sha256 {actual[:16]}..., "
+            f"the manifest expects {expected[:16]}...; {remedy}"
+        )
+    return target
 
 
 def list_versions(path: str | Path) -> list[str]:
