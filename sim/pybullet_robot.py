@@ -248,6 +248,9 @@ class SimRobot:
         self.apply_task(self.task)
         self._draw_sensor_errors()
         self._start_episode()
+        # restoreState leaves the contact points of the last step: a robot that had collapsed would read as
+        # fallen until the next step (as the emulator's held robot does after a Reset). Recompute them here.
+        pybullet.performCollisionDetection(self._client_id)
 
     def _start_episode(self) -> None:
         spec, task = self.spec, self.task

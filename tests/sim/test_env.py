@@ -191,3 +191,20 @@ def test_kp_scale_changes_the_sag(env):
     stiff, _ = standing(env, Task(kp_scale=2.0))
     assert soft < nominal - 0.01
     assert stiff > nominal + 0.01
+
+
+def test_a_reset_robot_does_not_read_as_fallen_from_before_the_reset():
+    """restoreState keeps the last step's contact points: a collapsed robot, reset to its stance, read as
+    fallen until the next step (the emulator's held robot reported it to the host after a Reset)."""
+    env = LocomotionEnv("a1", Task(friction=0.2), episode_seconds=10.0)
+    try:
+        env.reset(seed=0)
+        robot, spec = env.sim, env.sim.spec
+        damping = np.full(spec.num_joints, spec.damping_kd)
+        for _ in range(100):  # motors damping only: the trunk comes down onto the ground
+            robot.step(np.zeros(spec.num_joints), np.zeros(spec.num_joints), damping)
+        assert robot.trunk_on_ground()
+        env.reset(seed=1)
+        assert not robot.trunk_on_ground() and not env.state.fallen
+    finally:
+        env.close()
