@@ -1,6 +1,6 @@
 """This project's PPO against Stable-Baselines3's PPO: training throughput and final return on the A1.
 
-    python benchmarks/ppo_vs_sb3.py [--quick] [--json]
+    python benchmarks/ppo_vs_sb3.py [--quick] [--json] [--seed N]
 
 "Ours" is domain-randomized PPO as this project runs it: the MLSH trainer with one sub-policy and no
 warm-up (a one-option master is a no-op), built through `sim.training` from overrides. SB3 is `PPO`
@@ -108,10 +108,10 @@ def _cpu_stats(steps: int, main_seconds: float, worker_seconds: np.ndarray) -> d
     }
 
 
-def our_config(total_steps: int, backend: str, num_envs: int) -> training.TrainConfig:
+def our_config(total_steps: int, backend: str, num_envs: int, seed: int = SEED) -> training.TrainConfig:
     """Domain-randomized PPO as a training config: MLSH with one sub-policy and one fixed task."""
     overrides = [
-        f"seed={SEED}",
+        f"seed={seed}",
         f"env.episode_seconds={EPISODE_SECONDS}",
         "tasks=" + json.dumps(TASK),
         "policy.num_subpolicies=1",
@@ -125,9 +125,9 @@ def our_config(total_steps: int, backend: str, num_envs: int) -> training.TrainC
     return training.load_train_config(None, overrides)
 
 
-def train_ours(total_steps: int, backend: str, num_envs: int, threads: int) -> dict[str, Any]:
+def train_ours(total_steps: int, backend: str, num_envs: int, threads: int, seed: int = SEED) -> dict[str, Any]:
     """Train; steps/s over the training loop (from `train()` to the end of its task group)."""
-    config = our_config(total_steps, backend, num_envs)
+    config = our_config(total_steps, backend, num_envs, seed)
     distribution = TaskDistribution.from_dict(config.tasks)
     torch.manual_seed(config.seed)
     torch.set_num_threads(threads)
@@ -177,14 +177,14 @@ def _sb3_env(episode_seconds: float, task: dict[str, float]) -> Any:
     return Monitor(LocomotionEnv(ROBOT, Task.from_dict(task), episode_seconds=episode_seconds))
 
 
-def train_sb3(total_steps: int, vec: str, num_envs: int, threads: int) -> dict[str, Any]:
+def train_sb3(total_steps: int, vec: str, num_envs: int, threads: int, seed: int = SEED) -> dict[str, Any]:
     """The same PPO in SB3; steps/s over `model.learn` (env construction excluded)."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
-    config = our_config(total_steps, "inline", num_envs)
+    config = our_config(total_steps, "inline", num_envs, seed)
     ppo, mlsh, hidden = config.mlsh.sub_ppo, config.mlsh, list(config.policy.sub_hidden)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     torch.set_num_threads(threads)
     env_fns = [functools.partial(_sb3_env, config.env.episode_seconds, TASK)] * num_envs
     venv = DummyVecEnv(env_fns) if vec == "dummy" else SubprocVecEnv(env_fns)
@@ -213,7 +213,7 @@ def train_sb3(total_steps: int, vec: str, num_envs: int, threads: int) -> dict[s
                 "ortho_init": True,
                 "optimizer_kwargs": {"eps": 1e-8},  # torch's Adam default, as ours
             },
-            seed=SEED,
+            seed=seed,
             device="cpu",
             verbose=0,
         )
@@ -443,13 +443,16 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def measure(total_steps: int, limit_steps: int, eval_episodes: int) -> dict[str, Any]:
-    """Env limit, pilot, both training runs and their evaluations, in that order; the raw results."""
+def measure(total_steps: int, limit_steps: int, eval_episodes: int, seed: int = SEED) -> dict[str, Any]:
+    """Env limit, pilot, both training runs (seeded by `seed`) and their evaluations, in that order; the raw results."""
     env_limit_before, env_cpu_before = env_limit(limit_steps)
     sampler = sampler_limit(limit_steps // 2)
     pilots = pilot(ROLLOUT_STEPS)
     our_choice, sb3_choice = (max(pilots[side], key=lambda name: pilots[side][name]["steps_per_s"]) for side in pilots)
-    runs = {"ours": train_ours(total_steps, *_parse(our_choice)), "sb3": train_sb3(total_steps, *_parse(sb3_choice))}
+    runs = {
+        "ours": train_ours(total_steps, *_parse(our_choice), seed=seed),
+        "sb3": train_sb3(total_steps, *_parse(sb3_choice), seed=seed),
+    }
     env_limit_after, env_cpu_after = env_limit(limit_steps)
     load_end = os.getloadavg()[0]
     sides = {}
@@ -501,6 +504,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="about 20k env steps each instead of 200k")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of both training runs (network init, sampling)")
     args = parser.parse_args(argv)
     try:
         import stable_baselines3
@@ -514,6 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = our_config(iterations * ROLLOUT_STEPS, "inline", 1)
     results: dict[str, Any] = {
         "quick": args.quick,
+        "seed": args.seed,
         "total_steps": iterations * ROLLOUT_STEPS,
         "minibatch": ROLLOUT_STEPS // config.mlsh.sub_ppo.num_minibatches,
         "epochs": config.mlsh.sub_ppo.epochs,
@@ -524,7 +529,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": TARGETS,
     }
     with _native_stdout_to_devnull():
-        results |= measure(results["total_steps"], limit_steps, eval_episodes)
+        results |= measure(results["total_steps"], limit_steps, eval_episodes, args.seed)
     results = _rounded(results)
     if not args.json:
         print(markdown(results))
