@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from controller import mlsh_batches
 from controller.adaptation import MASTER_INITS, start_task_master
 from controller.errors import ConfigError
 from controller.policies import CategoricalMLPPolicy, MLSHPolicy
-from controller.ppo import PPOConfig, compute_gae, ppo_update
+from controller.ppo import PPOConfig, ppo_update
 from controller.rollout import RolloutCollector, RolloutNetworks, StepFn, by_option, collect_segment, gaussian_log_prob
-from controller.rundir import RunDir
+from controller.rundir import RunDir, rng_from_state, rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class MLSHTrainer:
             "group": self.group,
             "total_steps": self.total_steps,
             "num_metric_rows": self.num_metric_rows,
-            "rng": _rng_to_tensor(self.rng),
+            "rng": rng_state(self.rng),
             "wall_time_s": self.wall_time_s,
             "master_init": self.master_init_state,
         }
@@ -222,7 +223,7 @@ class MLSHTrainer:
         self.group = int(state["group"])
         self.total_steps = int(state["total_steps"])
         self.num_metric_rows = int(state["num_metric_rows"])
-        self.rng = _rng_from_tensor(state["rng"])
+        self.rng = rng_from_state(state["rng"])
         self.wall_time_s = float(state.get("wall_time_s", 0.0))
         master_init = state.get("master_init")
         self.master_init_state = None if master_init is None else {k: v.clone() for k, v in master_init.items()}
@@ -344,7 +345,9 @@ class MLSHTrainer:
             group_stats = []
             for group, (master, optimizer) in enumerate(zip(self.masters, self.master_optimizers, strict=True)):
                 copies = range(group * self.copies_per_group, (group + 1) * self.copies_per_group)
-                master_batch = self._master_batch(rollout, master, copies)
+                master_batch = mlsh_batches.master_batch(
+                    rollout, master, copies, config.master_gamma, config.master_lam
+                )
                 master_batches.append(master_batch)
                 if master_batch["obs"].shape[0] >= config.master_ppo.num_minibatches:
                     group_stats.append(
@@ -359,7 +362,7 @@ class MLSHTrainer:
                 self._sub_evaluate,
                 policy.subpolicies.parameters(),
                 self.sub_optimizer,
-                self._sub_batch(rollout),
+                mlsh_batches.sub_batch(rollout, config.gamma, config.lam),
                 config.sub_ppo,
                 generator,
             )
@@ -397,68 +400,6 @@ class MLSHTrainer:
         entropy = (0.5 + HALF_LOG_2PI + log_std).sum(-1)
         return gaussian_log_prob(actions, mean, log_std), entropy, value.squeeze(-1)
 
-    @torch.no_grad()
-    def _master_batch(
-        self, rollout: dict[str, Any], master: CategoricalMLPPolicy, copies: range
-    ) -> dict[str, torch.Tensor]:
-        """The macro-steps of env copies `copies` (one group's), each copy's in time order, with
-        macro-level GAE under `master`'s values."""
-        # Macro-steps tile each copy's time axis: a step is decided right after a closed one.
-        streams = [
-            (e, np.flatnonzero(rollout["decided"][:, e]), np.flatnonzero(rollout["closed"][:, e])) for e in copies
-        ]
-        next_obs = np.concatenate([rollout["next_obs"][ends, e] for e, _, ends in streams])
-        next_values = master.value(torch.as_tensor(next_obs, dtype=torch.float32)).numpy()
-        obs, options, log_probs, advantages, returns = [], [], [], [], []
-        offset = 0
-        for e, starts, ends in streams:
-            terminated = rollout["terminated"][ends, e]
-            adv, ret = compute_gae(
-                np.add.reduceat(rollout["reward"][:, e], starts),  # reward summed over each macro-step
-                rollout["master_value"][starts, e],
-                next_values[offset : offset + len(starts)],
-                terminated,
-                rollout["truncated"][ends, e] & ~terminated,
-                self.config.master_gamma,
-                self.config.master_lam,
-            )
-            offset += len(starts)
-            obs.append(rollout["obs"][starts, e])
-            options.append(rollout["option"][starts, e])
-            log_probs.append(rollout["master_log_prob"][starts, e])
-            advantages.append(adv)
-            returns.append(ret)
-        return {
-            "obs": torch.as_tensor(np.concatenate(obs), dtype=torch.float32),
-            "actions": torch.as_tensor(np.concatenate(options), dtype=torch.long),
-            "log_probs": torch.as_tensor(np.concatenate(log_probs), dtype=torch.float32),
-            "advantages": torch.as_tensor(np.concatenate(advantages), dtype=torch.float32),
-            "returns": torch.as_tensor(np.concatenate(returns), dtype=torch.float32),
-        }
-
-    def _sub_batch(self, rollout: dict[str, Any]) -> dict[str, Any]:
-        """Every control step, flattened time-major, with GAE computed per copy over [T, E]."""
-        advantages, returns = compute_gae(
-            rollout["reward"],
-            rollout["value"],
-            rollout["next_value"],
-            rollout["terminated"],
-            rollout["truncated"],
-            self.config.gamma,
-            self.config.lam,
-        )
-
-        def flat(x: np.ndarray, dtype: torch.dtype = torch.float32) -> Tensor:
-            return torch.as_tensor(x.reshape(-1, *x.shape[2:]), dtype=dtype)
-
-        return {
-            "obs": (flat(rollout["obs"]), flat(rollout["option"], torch.long)),
-            "actions": flat(rollout["action"]),
-            "log_probs": flat(rollout["log_prob"]),
-            "advantages": flat(advantages),
-            "returns": flat(returns),
-        }
-
 
 def _vector_step(envs: gym.vector.VectorEnv) -> StepFn:
     """`collect_segment`'s step over a SAME_STEP-autoreset vector env."""
@@ -491,26 +432,3 @@ def _mean_state(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         key: torch.stack([state[key] for state in states]).mean(0) if value.is_floating_point() else value.clone()
         for key, value in states[0].items()
     }
-
-
-def _rng_to_tensor(rng: np.random.Generator) -> dict[str, Any]:
-    """numpy Generator state as plain values (torch.load(weights_only=True) accepts them)."""
-    state = rng.bit_generator.state
-    return {
-        "bit_generator": state["bit_generator"],
-        "state": int(state["state"]["state"]),
-        "inc": int(state["state"]["inc"]),
-        "has_uint32": int(state["has_uint32"]),
-        "uinteger": int(state["uinteger"]),
-    }
-
-
-def _rng_from_tensor(data: dict[str, Any]) -> np.random.Generator:
-    rng = np.random.default_rng()
-    rng.bit_generator.state = {
-        "bit_generator": data["bit_generator"],
-        "state": {"state": data["state"], "inc": data["inc"]},
-        "has_uint32": data["has_uint32"],
-        "uinteger": data["uinteger"],
-    }
-    return rng

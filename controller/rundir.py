@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -156,3 +157,27 @@ class RunDir:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """numpy Generator state as plain values (torch.load(weights_only=True) accepts them)."""
+    state = rng.bit_generator.state
+    return {
+        "bit_generator": state["bit_generator"],
+        "state": int(state["state"]["state"]),
+        "inc": int(state["state"]["inc"]),
+        "has_uint32": int(state["has_uint32"]),
+        "uinteger": int(state["uinteger"]),
+    }
+
+
+def rng_from_state(data: dict[str, Any]) -> np.random.Generator:
+    """The Generator that `rng_state` described."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = {
+        "bit_generator": data["bit_generator"],
+        "state": {"state": data["state"], "inc": data["inc"]},
+        "has_uint32": data["has_uint32"],
+        "uinteger": data["uinteger"],
+    }
+    return rng
