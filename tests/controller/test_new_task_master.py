@@ -95,6 +95,8 @@ def test_a_meta_bundle_carries_its_master_init_checked(tmp_path: Path, emulator)
     robot = emulator("--lockstep", "--task", "configs/tasks/a1_heldout_slippery.yaml")
     adapted = metactl("adapt", str(bundle_dir), "--port", robot.port, "-k", "2", "--seconds", "1")
     assert "return after:" in adapted.stdout and "adapting its current master" not in adapted.stderr
+    kept = metactl("adapt", str(bundle_dir), "--port", robot.port, "-k", "2", "--seconds", "1", "--keep-master")
+    assert "return after:" in kept.stdout
 
     data = bytearray((bundle_dir / MASTER_INIT).read_bytes())
     data[-10] ^= 0xFF
