@@ -35,6 +35,7 @@ from torch import Tensor
 
 from controller import mlsh_batches
 from controller.adaptation import MASTER_INITS, start_task_master
+from controller.config import build
 from controller.errors import ConfigError
 from controller.policies import CategoricalMLPPolicy, MLSHPolicy
 from controller.ppo import PPOConfig, ppo_update
@@ -315,14 +316,13 @@ class MLSHTrainer:
         noise = torch.randn(*shape, policy.act_dim).numpy()
         uniforms = torch.rand(*shape, 3, dtype=torch.float64).numpy() if policy.num_subpolicies > 1 else None
         settings = {"macro_steps": self.macro_steps, "epsilon": self.config.master_epsilon}
-        if len(self.masters) > 1:
-            settings["masters"] = self.masters
         if isinstance(self.envs, RolloutCollector):
-            obs, data = self.envs.collect_rollout(policy, obs, noise, uniforms, self._episode_returns, **settings)
+            obs, data = self.envs.collect_rollout(
+                policy, obs, noise, uniforms, self._episode_returns, masters=self.masters, **settings
+            )
         else:
-            masters = settings.pop("masters", None)
             with torch.inference_mode():
-                nets = RolloutNetworks(policy, masters)
+                nets = RolloutNetworks(policy, self.masters)
                 obs, data = collect_segment(
                     nets, _vector_step(self.envs), obs, noise, uniforms, self._episode_returns, **settings
                 )
@@ -422,6 +422,12 @@ def reptile_step(init: dict[str, Tensor], trained: dict[str, Tensor], step: floa
         key: init[key] + step * (value - init[key]) if value.is_floating_point() else value.clone()
         for key, value in trained.items()
     }
+
+
+def saved_master_init(mlsh: dict[str, Any] | None) -> str:
+    """`master_init` of a saved `mlsh` config section (a run's config.yaml, a bundle's manifest),
+    resolved as `MLSHConfig` resolves it (defaults, the deprecated `reset_master`)."""
+    return build(MLSHConfig, dict(mlsh or {}), "mlsh").master_init
 
 
 def _mean_state(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from controller.adaptation import AdaptConfig, Episode, start_task_master, update_master
+from controller.mlsh import saved_master_init
 from controller.rundir import load_torch
 from deploy.bundle import (
     FULL_POLICY,
@@ -213,8 +214,7 @@ def adapt(
 def new_task_master_init(bundle: Bundle) -> str:
     """Where the bundle's training started each task's master (`mlsh.master_init`); "keep" where the
     bundle cannot start one the same way (a "meta" bundle exported without its initialization)."""
-    mlsh = bundle.manifest.get("training", {}).get("config", {}).get("mlsh", {})
-    master_init = mlsh.get("master_init", "reset" if mlsh.get("reset_master", True) else "keep")
+    master_init = saved_master_init(bundle.manifest.get("training", {}).get("config", {}).get("mlsh"))
     if master_init == "meta" and not bundle.manifest.get("master_init_sha256"):
         logger.warning("the bundle does not carry its meta-learned master init: adapting its current master")
         return "keep"

@@ -30,9 +30,9 @@ import yaml
 from tqdm import tqdm
 
 from controller.adaptation import AdaptConfig, Episode, finetune_all, start_task_master, update_master
-from controller.config import build, load_yaml
+from controller.config import load_yaml
 from controller.errors import ConfigError
-from controller.mlsh import MLSHConfig
+from controller.mlsh import saved_master_init
 from controller.policies import MLSHPolicy
 from controller.rundir import RunDir
 from sim.env import LocomotionEnv
@@ -90,12 +90,11 @@ def load_run(path: str | Path) -> LoadedRun:
         )
     policy = MLSHPolicy(**checkpoint["policy_config"])
     policy.load_state_dict(checkpoint["policy"])
-    master_init = build(MLSHConfig, dict(config.get("mlsh") or {}), "mlsh").master_init
     return LoadedRun(
         Path(path).name,
         policy.eval(),
         config,
-        master_init=master_init,
+        master_init=saved_master_init(config.get("mlsh")),
         master_init_state=checkpoint.get("master_init"),
     )
 

@@ -13,7 +13,7 @@ How each method uses the K episodes:
 - RL^2: the K episodes are the first K of a deterministic trial; evaluation is episode K + 1 of
   E trials (meta-trained on trials of max(ks) + 1 episodes).
 - MLSH: each task's master starts fresh, as in training (K = 0 is that master); the K episodes
-  (master sampled) feed `update_master` (PPO on the master only; `MLSH_ADAPT`).
+  (master sampled) feed `update_master` (PPO on the master only; `NEW_MASTER_ADAPT`).
 - fine-tune all / fine-tune head: PPO on all weights / the last layer of the domain-randomized policy.
 - domain-randomized PPO, oracle (true task in its observation) and random actions ignore K: they
   are evaluated once and reported for every K.
@@ -224,10 +224,6 @@ def _rl2(budget: SuiteBudget, seed: int, max_k: int) -> Evaluate:
     return evaluate
 
 
-MLSH_ADAPT = NEW_MASTER_ADAPT
-"""How a new task's master learns from the K episodes (`controller.adaptation.NEW_MASTER_ADAPT`)."""
-
-
 def train_mlsh(
     tasks: PointNavTaskDistribution,
     num_task_groups: int,
@@ -280,7 +276,7 @@ def mlsh_adapted_return(trainer: MLSHTrainer, env: PointNavEnv, seeds: TaskSeeds
     if len(seeds.adaptation):
         rng = np.random.default_rng(seeds.generator)
         episodes = [evaluation.rollout(env, policy, int(s), sample_master=True, rng=rng) for s in seeds.adaptation]
-        update_master(policy, episodes, MLSH_ADAPT, seeds.generator)
+        update_master(policy, episodes, NEW_MASTER_ADAPT, seeds.generator)
     return float(np.mean([evaluation.rollout(env, policy, int(s)).total_return for s in seeds.evaluation]))
 
 
