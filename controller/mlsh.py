@@ -392,7 +392,9 @@ class MLSHTrainer:
 
         def chosen(k: int, rows: Tensor) -> Tensor:
             sub = policy.subpolicies[k]
-            return torch.cat([sub.actor(rows), sub.log_std.expand(len(rows), act_dim), sub.critic(rows)], dim=-1)
+            return torch.cat(
+                [sub.actor(rows), sub.clamped_log_std().expand(len(rows), act_dim), sub.critic(rows)], dim=-1
+            )
 
         out = by_option(options.numpy(), policy.num_subpolicies, policy.sub_normalizer(obs), chosen)
         mean, log_std, value = out.split([act_dim, act_dim, 1], dim=-1)

@@ -84,9 +84,14 @@ class GaussianMLPPolicy(nn.Module):
         normalized = self.normalize(obs)
         return self._gaussian(self.actor(normalized)), self.critic(normalized).squeeze(-1)
 
+    def clamped_log_std(self) -> Tensor:
+        """log_std within LOG_STD_RANGE [act_dim]: what every distribution of this policy uses, so a drifting
+        parameter can neither collapse the exploration noise nor blow it up."""
+        return self.log_std.clamp(*LOG_STD_RANGE)
+
     def _gaussian(self, mean: Tensor) -> Normal:
-        """N(mean, exp(clamp(log_std, *LOG_STD_RANGE))) with batch shape of `mean` [..., act_dim]."""
-        return Normal(mean, self.log_std.clamp(*LOG_STD_RANGE).exp().expand_as(mean))
+        """N(mean, exp(clamped log_std)) with batch shape of `mean` [..., act_dim]."""
+        return Normal(mean, self.clamped_log_std().exp().expand_as(mean))
 
     def distribution(self, obs: Tensor) -> Normal:
         """The action distribution for raw observations [..., obs_dim]; batch shape [..., act_dim]."""
@@ -338,7 +343,7 @@ class MLSHPolicy(nn.Module):
         # Small K: compute every sub-policy and gather the chosen one per row.
         normalized = self.sub_normalizer(obs)
         means = self._sub_means(normalized)
-        log_stds = torch.stack([sub.log_std for sub in self.subpolicies], dim=0)
+        log_stds = torch.stack([sub.clamped_log_std() for sub in self.subpolicies], dim=0)
         values = torch.cat([sub.critic(normalized) for sub in self.subpolicies], dim=-1)
         index = options[..., None, None].expand(*options.shape, 1, self.act_dim)
         mean = means.gather(-2, index).squeeze(-2)

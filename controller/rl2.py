@@ -26,7 +26,7 @@ from torch.distributions import Normal
 
 from controller.errors import ConfigError
 from controller.networks import RunningNormalizer, mlp, resolve_activation
-from controller.policies import POLICY_OUTPUT_GAIN, VALUE_OUTPUT_GAIN
+from controller.policies import LOG_STD_RANGE, POLICY_OUTPUT_GAIN, VALUE_OUTPUT_GAIN
 from controller.ppo import PPOConfig, discount_cumsum, ppo_update
 from controller.rl2_rollout import Trials, _check_positive_int, meta_test, run_trials, trial_advantages
 
@@ -126,6 +126,10 @@ class GRUPolicy(nn.Module):
         new_hidden = self.gru(self._encode(obs_input), hidden)
         return self.actor(new_hidden), self.critic(new_hidden).squeeze(-1), new_hidden
 
+    def clamped_log_std(self) -> Tensor:
+        """log_std within LOG_STD_RANGE [act_dim], as every Gaussian policy here uses it."""
+        return self.log_std.clamp(*LOG_STD_RANGE)
+
     @torch.no_grad()
     def act(
         self, obs_input: Tensor, hidden: Tensor, deterministic: bool = False, generator: torch.Generator | None = None
@@ -136,7 +140,7 @@ class GRUPolicy(nn.Module):
             action [B, act_dim] (unclipped sample, or the mean), log_prob [B], value [B], new_hidden [B, H].
         """
         mean, value, new_hidden = self(obs_input, hidden)
-        std = self.log_std.exp().expand_as(mean)
+        std = self.clamped_log_std().exp().expand_as(mean)
         action = mean if deterministic else mean + std * torch.randn(mean.shape, generator=generator)
         return action, Normal(mean, std).log_prob(action).sum(-1), value, new_hidden
 
@@ -158,7 +162,7 @@ class GRUPolicy(nn.Module):
             states.append(hidden)
         states = torch.stack(states, dim=1)
         mean = self.actor(states)
-        dist = Normal(mean, self.log_std.exp().expand_as(mean))
+        dist = Normal(mean, self.clamped_log_std().exp().expand_as(mean))
         return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1), self.critic(states).squeeze(-1)
 
     def export_module(self) -> nn.Module:

@@ -138,7 +138,7 @@ class RolloutNetworks:
         self.sub_normalize = frozen_normalizer(policy.sub_normalizer)
         self.sub_normalize_numpy = frozen_numpy_normalizer(policy.sub_normalizer)
         self.subpolicies = [FusedMLP(sub.actor, sub.critic) for sub in policy.subpolicies]
-        self.log_std = torch.stack([sub.log_std.detach() for sub in policy.subpolicies])  # [K, act_dim]
+        self.log_std = torch.stack([sub.clamped_log_std().detach() for sub in policy.subpolicies])  # [K, act_dim]
         masters = [policy.master] if masters is None else list(masters)
         self.masters = [(frozen_normalizer(m.normalizer), FusedMLP(m.actor, m.critic)) for m in masters]
 

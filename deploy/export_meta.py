@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from controller.errors import ConfigError
 from controller.learners import learner_from_spec
 from controller.maml import MetaLearner
-from controller.policies import LOG_STD_RANGE, GaussianMLPPolicy
+from controller.policies import GaussianMLPPolicy
 from controller.rl2 import GRUPolicy
 from controller.robot import RobotSpec
 from controller.rundir import atomic_write_bytes, load_torch
@@ -56,7 +56,7 @@ class GaussianActorGraph(nn.Module):
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         mean = self.policy(obs)  # normalizer inside, exactly once
-        return mean, self.policy.log_std.clamp(*LOG_STD_RANGE).expand_as(mean)  # as the training distribution
+        return mean, self.policy.clamped_log_std().expand_as(mean)  # as the training distribution
 
 
 def actor_with(learner: MetaLearner, fast: dict[str, Tensor]) -> GaussianMLPPolicy:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from controller import mlsh, rollout
-from controller.policies import MLSHPolicy
+from controller.policies import LOG_STD_RANGE, MLSHPolicy
 from controller.rundir import RunDir
 
 
@@ -110,3 +110,22 @@ def test_collect_tiles_macro_steps_and_stores_consistent_values() -> None:
     # V(next obs) of a step equals V(obs) of the next one when no episode ended and the option is kept.
     keep = ~done[:-1] & (rollout["option"][1:] == rollout["option"][:-1])
     np.testing.assert_allclose(rollout["next_value"][:-1][keep], rollout["value"][1:][keep], rtol=1e-5, atol=1e-5)
+
+
+def test_a_drifted_sub_policy_log_std_is_clamped_on_every_path() -> None:
+    policy = _policy(2)
+    low, high = LOG_STD_RANGE
+    with torch.no_grad():
+        policy.subpolicies[0].log_std.fill_(-1e6)
+        policy.subpolicies[1].log_std.fill_(1e6)
+    obs, options, actions = torch.randn(40, 47), torch.arange(40) % 2, torch.randn(40, 12)
+    trainer = object.__new__(mlsh.MLSHTrainer)  # only `policy` is used
+    trainer.policy = policy
+    got = trainer._sub_evaluate((obs, options), actions)
+    want = policy.sub_evaluate(obs, options, actions)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    bound = torch.where(options[:, None] == 0, low, high).expand(40, 12).exp()
+    torch.testing.assert_close(policy._chosen_distribution(obs, options)[0].stddev, bound)
+    torch.testing.assert_close(rollout.RolloutNetworks(policy).log_std, torch.tensor([[low] * 12, [high] * 12]))

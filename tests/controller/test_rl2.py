@@ -4,6 +4,7 @@ adaptation within a trial."""
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from controller.errors import ConfigError
+from controller.policies import LOG_STD_RANGE
 from controller.ppo import PPOConfig
 from controller.rl2 import EXPORT_INPUT_NAMES, EXPORT_OUTPUT_NAMES, GRUPolicy, RL2Config, RL2Trainer
 from controller.rl2_rollout import Trials, run_trials, trial_advantages
@@ -178,3 +180,19 @@ def test_later_episodes_of_a_trial_beat_the_first_on_held_out_tasks():
     assert gaps.min() > 0, report
     assert gaps.mean() > spread, report
     assert t_statistic > 2.920, report
+
+
+def test_a_drifted_log_std_is_clamped_when_acting_and_evaluating():
+    torch.manual_seed(0)
+    policy = GRUPolicy(4, 2, hidden_size=8)
+    low, high = LOG_STD_RANGE
+    with torch.no_grad():
+        policy.log_std.copy_(torch.tensor([-1e6, 1e6]))
+    inputs, hidden = torch.randn(3, 5, policy.input_dim), policy.initial_hidden(3)
+    action, log_prob, _, _ = policy.act(inputs[:, 0], hidden, generator=torch.Generator().manual_seed(0))
+    mean = policy(inputs[:, 0], hidden)[0]
+    noise = (action - mean) / torch.tensor([low, high]).exp()
+    assert torch.isfinite(log_prob).all() and noise.abs().max() < 10  # a standard normal draw at the bounds' std
+    log_prob, entropy, _ = policy.evaluate_sequence(inputs, hidden, torch.randn(3, 5, 2))
+    assert torch.isfinite(log_prob).all()
+    torch.testing.assert_close(entropy, torch.full((3, 5), 1.0 + math.log(2 * math.pi) + low + high))
