@@ -2,7 +2,7 @@
 shared by the robot adapter (deploy/adapt_gradient.py, `metactl adapt`) and the simulated meta-test
 (sim/evaluation.py, `metactl eval`), so both take exactly the same step on the same kind of episodes.
 
-The step is the trainer's inner loop (`MetaLearner.clone().adapt` on `controller.meta_trainer.inner_loss`),
+The step is the trainer's inner loop (`MetaLearner.clone().adapt` on `controller.meta_episodes.inner_loss`),
 first order: no meta-gradient is needed at test time.
 """
 
@@ -16,7 +16,8 @@ from torch import Tensor
 
 from controller.adaptation import Episode
 from controller.maml import AdaptedModule, MetaLearner
-from controller.meta_trainer import Episodes, MAMLConfig, inner_advantages, inner_loss, policy_log_probs
+from controller.meta_episodes import Episodes, inner_advantages, inner_loss, policy_log_probs
+from controller.meta_trainer import MAMLConfig
 
 
 def episodes_to_batch(episodes: Sequence[Episode]) -> Episodes:

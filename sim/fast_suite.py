@@ -45,7 +45,8 @@ from controller.adaptation import NEW_MASTER_ADAPT, update_master
 from controller.errors import ConfigError
 from controller.learned_update import LearnedOptimizer, LearnedOptimizerMAML, MetaSGD
 from controller.maml import MAML, MetaLearner
-from controller.meta_trainer import MAMLConfig, MAMLTrainer, discounted_returns, fit_linear_baseline, rollout
+from controller.meta_episodes import discounted_returns, fit_linear_baseline, rollout
+from controller.meta_trainer import MAMLConfig, MAMLTrainer
 from controller.mlsh import MLSHConfig, MLSHTrainer
 from controller.policies import GaussianMLPPolicy, MLSHPolicy
 from controller.ppo import PPOConfig

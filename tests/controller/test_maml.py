@@ -12,7 +12,8 @@ from torch import nn
 
 from controller.errors import ConfigError
 from controller.maml import MAML, dice_objective, magic_box, maml_update
-from controller.meta_trainer import MAMLConfig, MAMLTrainer, discounted_returns, fit_linear_baseline, rollout
+from controller.meta_episodes import discounted_returns, fit_linear_baseline, rollout
+from controller.meta_trainer import MAMLConfig, MAMLTrainer
 from controller.policies import GaussianMLPPolicy
 from sim.fast_tasks import PointNavEnv, PointNavTaskDistribution
 
