@@ -1,8 +1,10 @@
-"""A robot in its own PyBullet world: loading, task dynamics, PD motors, state readout.
+"""A robot in its own PyBullet world: task dynamics, PD motors, state readout.
 
 Shared by the Gymnasium env and the emulator, so both step the same physics. PD torques are
 computed here at the physics rate (not by PyBullet's position motors) so that motor strength,
-gain scales and damping mode act on the torque, as on the real robot.
+gain scales and damping mode act on the torque, as on the real robot. The world itself (client,
+ground, loaded robot, saved spawn state) is a `sim.robot_world.RobotWorld`; sensor errors and
+noise are drawn by `sim.sensor_errors`.
 
 `SimRobot.apply_task` is the one place where a `Task` takes effect: terrain, ground contact,
 masses, motors, joint friction, delays, sensor errors and pushes. Per-step work for a feature is
@@ -17,20 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import pybullet
-import pybullet_data
-from pybullet_utils import bullet_client
 
-from controller.mapping import RobotState, quat_multiply
+from controller.mapping import RobotState
 from controller.robot import RobotSpec
+from sim.robot_world import GRAVITY, RobotWorld
+from sim.sensor_errors import add_sensor_noise, draw_sensor_errors
 from sim.tasks import Task
-from sim.terrain import Ground, TerrainParams
 
-GRAVITY = 9.81
 _ORIGIN = (0.0, 0.0, 0.0)
 _IDENTITY = (0.0, 0.0, 0.0, 1.0)
-ROBOT_RESTITUTION = 1.0
-"""Bullet multiplies the two bodies' restitutions (and the robot's friction 1.0 scales the ground's rolling
-and spinning friction), so with the robot's set to 1 the ground's value is the contact's value."""
 
 
 @dataclass
@@ -75,51 +72,17 @@ class SimRobot:
 
     def __init__(self, spec: RobotSpec, *, gui: bool = False, seed: int = 0) -> None:
         self.spec = spec
-        self.client = bullet_client.BulletClient(connection_mode=pybullet.GUI if gui else pybullet.DIRECT)
-        client = self.client
-
-        # Per-step calls go to pybullet's module functions with this id passed positionally: BulletClient looks a
-        # function up and wraps it on every call (~2 us), a keyword argument costs ~0.5 us more.
-        self._client_id = client._client
-        client.setAdditionalSearchPath(pybullet_data.getDataPath())
-        client.setGravity(0, 0, -GRAVITY)
-        client.setTimeStep(spec.sim_timestep)
-        # Same contact order after restoreState, so a reset episode repeats exactly (resume, evaluation).
-        client.setPhysicsEngineParameter(deterministicOverlappingPairs=1)
-        self.ground = client.loadURDF("plane.urdf")
-        self.terrain = Ground(client, self.ground)
-        rpy = list(spec.base_orientation_rpy)
-        self._base_rotation = client.getQuaternionFromEuler(rpy)
-        # Trunk frame = URDF base frame * inverse(base rotation); None when they coincide.
-        self._to_trunk = None if not any(rpy) else client.invertTransform([0, 0, 0], self._base_rotation)[1]
-        self.body = client.loadURDF(spec.urdf, [0, 0, spec.base_height], self._base_rotation, useFixedBase=False)
-        # The base pose PyBullet reports and resets is its centre-of-mass frame: keep the spawn one to re-spawn.
-        self._spawn_pose = client.getBasePositionAndOrientation(self.body)
-        num_links = client.getNumJoints(self.body)
-        names = {client.getJointInfo(self.body, j)[1].decode(): j for j in range(num_links)}
-        missing = [name for name in spec.joint_names if name not in names]
-        if missing:
-            raise ValueError(f"robot '{spec.name}': joints {missing} not in {spec.urdf}")
-        self.joint_ids = [names[name] for name in spec.joint_names]
-        self._movable = [j for j in range(num_links) if client.getJointInfo(self.body, j)[2] != pybullet.JOINT_FIXED]
-        self.base_mass = client.getDynamicsInfo(self.body, -1)[0]
-        self._link_dynamics = [client.getDynamicsInfo(self.body, link)[:3] for link in range(num_links)]
-        for link in range(-1, num_links):
-            client.changeDynamics(self.body, link, lateralFriction=1.0, restitution=ROBOT_RESTITUTION)
-        # Torque control needs PyBullet's default velocity motors switched off.
-        client.setJointMotorControlArray(
-            self.body, self.joint_ids, pybullet.VELOCITY_CONTROL, forces=[0.0] * spec.num_joints
-        )
-        self._default = spec.array("default_pose")
+        self._world = world = RobotWorld(spec, gui=gui)
+        # Held on the robot itself: the per-step code reads them with one attribute lookup.
+        self.client, self._client_id = world.client, world.client_id
+        self.ground, self.terrain, self.body, self.joint_ids = world.ground, world.terrain, world.body, world.joint_ids
+        self.base_mass, self._to_trunk, self._default = world.base_mass, world.to_trunk, world.default_pose
         self._zeros = [0.0] * spec.num_joints
         self._torque_limit = spec.array("torque_limit")
         self._torque_low = -self._torque_limit
         self._decimation = spec.decimation
-        for joint, angle in zip(self.joint_ids, self._default):
-            client.resetJointState(self.body, joint, angle)
-        self._initial_state = client.saveState()
         self.rng = np.random.default_rng(seed)
-        self._applied: dict[str, float] = {"link_mass_scale": 1.0, "joint_coulomb": 0.0}
+        self._applied_coulomb = 0.0  # the joint friction limit sent last; NaN while damping sets it every step
         self._joint_offsets: np.ndarray | None = None
         self._gyro_bias: np.ndarray | None = None
         self._pending: deque = deque()
@@ -136,36 +99,19 @@ class SimRobot:
         """Make the world and the robot match `task` now; every field takes effect here and nowhere else.
 
         Dynamics edits survive restoreState, so values set through many calls (link masses, joint friction) are
-        only re-sent when they change; the rest is set explicitly every time. A terrain change rebuilds the
-        ground and re-saves the initial state (a saved state is tied to the bodies that existed).
+        only re-sent when they change; the rest is set explicitly every time. Terrain, ground contact and masses
+        are the world's (`RobotWorld`); the rest is this robot's motors, timing and sensors.
         """
-        client, body = self.client, self.body
         previous, self.task = self.task, task
         self._reading = None
-        if self.terrain.build(TerrainParams.from_task(task)):
-            self._save_initial_state()
-        self._grounds = self.terrain.bodies
-        for ground in self._grounds:
-            client.changeDynamics(
-                ground,
-                -1,
-                lateralFriction=task.friction,
-                spinningFriction=task.spinning_friction,
-                rollingFriction=task.rolling_friction,
-                restitution=task.restitution,
-            )
-        client.changeDynamics(body, -1, mass=self.base_mass + task.added_mass)
-        if task.link_mass_scale != self._applied["link_mass_scale"]:
-            for link, (mass, _, inertia) in enumerate(self._link_dynamics):
-                scale = task.link_mass_scale
-                client.changeDynamics(body, link, mass=mass * scale, localInertiaDiagonal=[i * scale for i in inertia])
-            self._applied["link_mass_scale"] = task.link_mass_scale
+        self._grounds = self._world.set_ground(task)
+        self._world.set_masses(task)
         # Joint friction is the force limit of a zero-velocity motor beside TORQUE_CONTROL's torque: the solver
         # opposes motion with up to coulomb + damping * |dq| (dq of the step before) and can only bring a joint to
         # rest, never push it back. So dry friction holds a joint still without chattering, and damping stays
         # stable where an explicit -damping * dq term (like the PD's kd) oscillates on light links at 200 Hz.
         self._damping = task.joint_damping if task.joint_damping > 0 else None
-        if self._damping is None and task.joint_coulomb != self._applied["joint_coulomb"]:
+        if self._damping is None and task.joint_coulomb != self._applied_coulomb:
             self._set_joint_friction(np.full(self.spec.num_joints, task.joint_coulomb))
         self._strength: float | np.ndarray = task.motor_strength
         if task.motor_strength_spread > 0:
@@ -185,7 +131,7 @@ class SimRobot:
         self._base_weight = (self.base_mass + task.added_mass) * GRAVITY
         self._noisy = any((task.noise_joint_pos, task.noise_joint_vel, task.noise_gyro, task.noise_gravity))
         if (task.joint_offset, task.gyro_bias) != (previous.joint_offset, previous.gyro_bias):
-            self._draw_sensor_errors()
+            self._joint_offsets, self._gyro_bias = draw_sensor_errors(task, self.rng, self.spec.num_joints)
         if task.push_interval_s != previous.push_interval_s:
             self._next_push = self.sim_time + task.push_interval_s
 
@@ -199,36 +145,11 @@ class SimRobot:
             forces=torque,
             physicsClientId=self._client_id,
         )
-        self._applied["joint_coulomb"] = float(torque[0]) if self._damping is None else math.nan
+        self._applied_coulomb = float(torque[0]) if self._damping is None else math.nan
 
     def per_joint_strength(self) -> np.ndarray:
         """Each motor's torque scale under the current task (num_joints,)."""
         return np.broadcast_to(np.asarray(self._strength, dtype=np.float64), (self.spec.num_joints,)).copy()
-
-    def _draw_sensor_errors(self) -> None:
-        task, n = self.task, self.spec.num_joints
-        self._joint_offsets = self.rng.normal(0.0, task.joint_offset, n) if task.joint_offset > 0 else None
-        self._gyro_bias = self.rng.normal(0.0, task.gyro_bias, 3) if task.gyro_bias > 0 else None
-
-    def _save_initial_state(self) -> None:
-        """Save the spawn state (above the current ground) as the reset state; the robot keeps its current state."""
-        client, body = self.client, self.body
-        position, orientation = client.getBasePositionAndOrientation(body)
-        velocity = client.getBaseVelocity(body)
-        joints = client.getJointStates(body, self._movable)
-        spawn, spawn_orientation = self._spawn_pose
-        spawn = [spawn[0], spawn[1], spawn[2] + self.terrain.spawn_height()]
-        client.resetBasePositionAndOrientation(body, spawn, spawn_orientation)
-        client.resetBaseVelocity(body, [0, 0, 0], [0, 0, 0])
-        default = dict(zip(self.joint_ids, self._default))
-        for joint in self._movable:
-            client.resetJointState(body, joint, default.get(joint, 0.0), 0.0)
-        client.removeState(self._initial_state)
-        self._initial_state = client.saveState()
-        client.resetBasePositionAndOrientation(body, position, orientation)
-        client.resetBaseVelocity(body, *velocity)
-        for joint, state in zip(self._movable, joints):
-            client.resetJointState(body, joint, state[0], state[1])
 
     # -- episode -------------------------------------------------------------------------------
 
@@ -238,7 +159,7 @@ class SimRobot:
         With `rng` (the env's generator) the robot's own generator becomes a child of it, drawn without using
         `rng`'s stream, so a seeded env reset fixes the noise, sensor errors, jitter and pushes of the episode.
         """
-        self.client.restoreState(self._initial_state)
+        self.client.restoreState(self._world.initial_state)
         if rng is not None:
             if joint_noise > 0:
                 noise = rng.uniform(-joint_noise, joint_noise, self.spec.num_joints)
@@ -246,7 +167,7 @@ class SimRobot:
                     self.client.resetJointState(self.body, joint, angle)
             self.rng = _child_generator(rng)
         self.apply_task(self.task)
-        self._draw_sensor_errors()
+        self._joint_offsets, self._gyro_bias = draw_sensor_errors(self.task, self.rng, self.spec.num_joints)
         self._start_episode()
         # restoreState leaves the contact points of the last step: a robot that had collapsed would read as
         # fallen until the next step (as the emulator's held robot does after a Reset). Recompute them here.
@@ -449,7 +370,7 @@ class SimRobot:
         if self._gyro_bias is not None:
             gyro = gyro + self._gyro_bias
         if self._noisy:
-            q, dq, gyro, quat = self._add_noise(q, dq, gyro, quat)
+            q, dq, gyro, quat = add_sensor_noise(self.task, self.rng, q, dq, gyro, quat)
         return RobotState(
             joint_pos=q,
             joint_vel=dq,
@@ -462,23 +383,6 @@ class SimRobot:
             time=time,
             fallen=self.trunk_on_ground(),
         )
-
-    def _add_noise(self, q, dq, gyro, quat) -> tuple[np.ndarray, ...]:
-        task, rng, n = self.task, self.rng, self.spec.num_joints
-        if task.noise_joint_pos > 0:
-            q = q + rng.normal(0.0, task.noise_joint_pos, n)
-        if task.noise_joint_vel > 0:
-            dq = dq + rng.normal(0.0, task.noise_joint_vel, n)
-        if task.noise_gyro > 0:
-            gyro = gyro + rng.normal(0.0, task.noise_gyro, 3)
-        if task.noise_gravity > 0:
-            # A small random roll and pitch of the reported orientation (rotation vector (a, b, 0) in the body).
-            roll, pitch = rng.normal(0.0, task.noise_gravity, 2)
-            angle = math.hypot(roll, pitch)
-            half = 0.5 * angle
-            scale = math.sin(half) / angle if angle > 0 else 0.5
-            quat = quat_multiply(quat, (roll * scale, pitch * scale, 0.0, math.cos(half)))
-        return q, dq, gyro, quat
 
     def close(self) -> None:
         if self.client is not None:
