@@ -12,7 +12,7 @@ import yaml
 from controller.config import build, load_yaml
 from controller.errors import ConfigError
 from controller.rundir import atomic_write_bytes
-from deploy.robot import Calibration
+from deploy.robot_states import Calibration
 
 
 @dataclass

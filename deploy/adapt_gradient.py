@@ -3,7 +3,7 @@
 Gradient-based: the K episodes are collected with the sampling policy of the deployed version
 (mean + exp(log_std) * noise, from the ONNX graph), then `adapt_fast_weights` takes the inner
 step(s) of the bundle's learned update rule on them, exactly the trainer's inner loop
-(`MetaLearner.clone().adapt` on `controller.meta_trainer.inner_loss`, first order: no meta-gradient
+(`MetaLearner.clone().adapt` on `controller.meta_episodes.inner_loss`, first order: no meta-gradient
 is needed at test time; it lives in controller/gradient_adaptation.py, which `metactl eval` shares).
 The adapted actor becomes the candidate version's policy.onnx, with its fast weights and update-rule
 state in adaptation.pt; it is kept only if it evaluates no worse.

@@ -2,7 +2,7 @@
 learned optimizer) and a recurrent actor (RL^2). Layout and graphs: deploy/bundle.py's docstring.
 
 The adaptable state (adaptation.pt, weights only) holds what the on-robot inner step needs:
-    spec        the learner's description (`controller.meta_trainer.learner_from_spec`) and its
+    spec        the learner's description (`controller.learners.learner_from_spec`) and its
                 inner-loss settings (`inner`, a `MAMLConfig` as a dict)
     meta        the learner's state_dict: initial weights, normalizer, learned step sizes or
                 optimizer weights

@@ -8,11 +8,10 @@ before the policy takes over), `safe_targets` (finite, rate-limited, inside the 
 every Command carries), a fall ends the episode and damps at once, `stop` (damping, confirmed by
 the robot's State) and `emergency_stop` (EStop, latched on the robot until a Reset).
 
-Link faults: the link counts corrupt frames and sequence gaps (`link.stats`); here a State that is
-not newer than the last one used (duplicated, late, reordered) is dropped, never fed to the policy
-as a new step, and a lost port is reopened with backoff (deploy/reconnect.py). An episode that saw
-a gap, a reconnect, a watchdog trip or a non-finite reading counts it in `gaps`, which marks the
-episode incomplete so learning leaves it out.
+Link faults: the link counts corrupt frames and sequence gaps (`link.stats`), the receiving side
+drops a State that is not newer than the last one used (deploy/robot_states.py), and a lost port is
+reopened with backoff (deploy/reconnect.py). An episode that saw a gap, a reconnect, a watchdog trip
+or a non-finite reading counts it in `gaps`, which marks the episode incomplete so learning leaves it out.
 """
 
 from __future__ import annotations
@@ -20,94 +19,27 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from controller.errors import ConfigError
-from controller.mapping import (
-    LocomotionReward,
-    ObservationMapping,
-    RobotState,
-    quat_conjugate,
-    quat_from_roll_pitch,
-    quat_multiply,
-    rotate_to_body,
-)
+from controller.mapping import LocomotionReward, ObservationMapping, RobotState, quat_from_roll_pitch
 from controller.robot import RobotSpec
-from deploy.errors import DeployError, LinkError, ProtocolError
+from deploy.errors import DeployError, LinkError
 from deploy.link import Link, handshake
-from deploy.messages import (
-    Capabilities,
-    Capability,
-    Command,
-    EStop,
-    Fault,
-    FaultCode,
-    Mode,
-    ModeRequest,
-    Reset,
-    State,
-    StateFlag,
-)
+from deploy.messages import Capabilities, Capability, Command, EStop, Mode, ModeRequest, State
 from deploy.reconnect import Backoff, reconnect
+from deploy.robot_states import (
+    TICK_MODULO,
+    Calibration,
+    RobotHealth,
+    StateReceiver,
+    calibrated_state,
+    finite_reading,
+)
+from deploy.target_limits import TargetLimits
 
 logger = logging.getLogger(__name__)
-
-TICK_MODULO = 1 << 32  # State.tick is a u32
-
-
-def tick_newer(tick: int, than: int) -> bool:
-    """Wrap-aware u32 comparison: is `tick` after `than`? (2**32 - 1 -> 0 is one tick forward)."""
-    return 0 < (tick - than) % TICK_MODULO < TICK_MODULO // 2
-
-
-@dataclass
-class Calibration:
-    """Sensor corrections the host applies: reading - offset, target + offset."""
-
-    joint_offsets: np.ndarray | None = None
-    gyro_bias: np.ndarray = field(default_factory=lambda: np.zeros(3))
-    imu_tilt: np.ndarray = field(default_factory=lambda: np.zeros(2))
-    """IMU mounting roll and pitch (rad), undone on every reading."""
-
-
-@dataclass
-class RobotHealth:
-    """What went wrong, counted since the RobotEnv was created.
-
-    The link's frame counters (CRC errors, sequence gaps, duplicates) are in `RobotEnv.link.stats`.
-    """
-
-    gaps: int = 0
-    """Irregular steps: the State did not follow the previous tick, or a reconnect, resend, watchdog trip
-    or non-finite reading happened on the way."""
-    stale_states: int = 0
-    """States not newer than the last one used (duplicated, late, reordered): dropped."""
-    reconnects: int = 0
-    """Times the port was lost and reopened."""
-    reconnect_seconds: list[float] = field(default_factory=list)
-    """How long each reconnection took, from noticing the loss to the robot's Capabilities."""
-    watchdog_trips: int = 0
-    """Times the robot left POSITION by itself (its watchdog) while the host was commanding it."""
-    command_resends: int = 0
-    """Lockstep only: a Command sent again because the State it should produce never came."""
-    reset_resends: int = 0
-    """Reset requests sent again because no reply came."""
-    rate_limited: int = 0
-    """Commands whose targets the rate limit changed."""
-    nonfinite_targets: int = 0
-    """Target vectors with a non-finite entry (held at the previous target instead)."""
-    nonfinite_states: int = 0
-    """States with a non-finite joint or IMU reading."""
-    falls: int = 0
-    """Episodes stopped by the fall detection."""
-    faults: dict[str, int] = field(default_factory=dict)
-    """Fault messages from the robot, by code name."""
-
-
-class _NoState(LinkError):
-    """No usable State within the state timeout: the robot went silent."""
 
 
 class RobotEnv:
@@ -179,26 +111,26 @@ class RobotEnv:
         self.soft_start_tolerance = soft_start_tolerance
         self.reconnect_timeout = reconnect_timeout
         self.backoff = backoff or Backoff()
-        self.resend_interval = resend_interval
         self.reset_wait = reset_wait
-        self.state_timeout = state_timeout
         self.host_name = host_name
         self.link = Link(url)
         self.capabilities: Capabilities | None = None
         self.health = RobotHealth()
+        self.receiver = StateReceiver(
+            self.link,
+            self.health,
+            state_timeout=state_timeout,
+            resend_interval=resend_interval,
+            control_rate_hz=spec.control_rate_hz,
+        )
+        self._limits = TargetLimits(spec, self.offsets, self.max_target_step, self.health)
         self._kp = np.full(spec.num_joints, spec.kp)
-        # Furthest a target may sit from the measured angle before kp alone exceeds the torque limit.
-        self._torque_reach = spec.array("torque_limit") / max(spec.kp, 1e-9)
         self._kd = np.full(spec.num_joints, spec.kd)
         self._default = spec.array("default_pose")
-        # Joint limits in the robot's encoder frame, where targets travel.
-        self._lower = spec.array("joint_lower") + self.offsets
-        self._upper = spec.array("joint_upper") + self.offsets
         self._targets = self._default + self.offsets  # the last targets sent (rate-limit reference), always finite
         self._last: State | None = None
         self._engaged = False  # the robot reported POSITION since the last reset or reconnect
         self._estopped = False
-        self._robot_estop = False
         self._damped = False  # DAMPING requested since the last Command
         self._steps = 0
         self.gaps = 0
@@ -220,10 +152,6 @@ class RobotEnv:
         self.capabilities = handshake(self.link, self.host_name, timeout=timeout)
         return self.capabilities
 
-    def _lost(self, error: LinkError) -> bool:
-        """Is `error` a lost robot (port gone, robot silent) rather than a refusal or a bug?"""
-        return not isinstance(error, ProtocolError) and (isinstance(error, _NoState) or not self.link.is_open)
-
     def _reconnect(self, error: LinkError) -> None:
         logger.warning("lost the robot on %s (%s); reconnecting", self.url, error)
         start = time.monotonic()
@@ -241,109 +169,24 @@ class RobotEnv:
 
     def robot_state(self, message: State) -> RobotState:
         """Protocol State -> RobotState in the spec's frame (calibration applied)."""
-        # IMU frame -> body frame: q_body = q_imu * q_mount^-1, w_body = R_mount (w_imu - bias).
-        unmount = quat_conjugate(self._mount)
-        return RobotState(
-            joint_pos=message.joint_pos.astype(np.float64) - self.offsets,
-            joint_vel=message.joint_vel.astype(np.float64),
-            quat=quat_multiply(message.quat.astype(np.float64), unmount),
-            gyro=rotate_to_body(unmount, message.gyro.astype(np.float64) - self.calibration.gyro_bias),
-            accel=rotate_to_body(unmount, message.accel.astype(np.float64)),
-            base_vel=message.base_vel.astype(np.float64),
-            joint_torque=message.joint_torque.astype(np.float64),
-            command=self.command.copy(),
-            tick=message.tick,
-            time=message.time,
-            fallen=bool(message.flags & StateFlag.FALLEN),
-        )
+        return calibrated_state(message, self.offsets, self._mount, self.calibration.gyro_bias, self.command)
 
     def wait_state(self, timeout: float | None = None) -> State:
         """The newest State not returned before, as received (no tick check)."""
-        timeout = self.state_timeout if timeout is None else timeout
-        message = self.link.latest_state(timeout=timeout)
-        if message is None:
-            raise _NoState(f"no State from the robot on {self.url} within {timeout:.2f} s")
-        return message
-
-    def _next_state(self) -> State:
-        """The next State newer than the last one used; older or repeated ones are counted and dropped."""
-        now = time.monotonic()
-        deadline = now + self.state_timeout
-        resend_at = now + self.resend_interval if self.lockstep else float("inf")
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise _NoState(f"no new State from the robot on {self.url} within {self.state_timeout:.2f} s")
-            message = self.link.latest_state(timeout=min(deadline, resend_at) - now)
-            if message is None:
-                if time.monotonic() >= resend_at and self.last_command is not None:
-                    # Lockstep: the robot steps only on a Command; if its State was lost, nothing else comes.
-                    self.link.send(self.last_command)
-                    self.health.command_resends += 1
-                    resend_at = time.monotonic() + self.resend_interval
-                continue
-            if self._last is not None and not tick_newer(message.tick, self._last.tick):
-                self.health.stale_states += 1
-                continue
-            return message
-
-    def _note(self, message: object) -> None:
-        """Account for a non-State message from the robot."""
-        if isinstance(message, Fault):
-            try:
-                name = FaultCode(message.code).name
-            except ValueError:  # a robot's own code (0x100 and up)
-                name = f"code {message.code:#x}"
-            self.health.faults[name] = self.health.faults.get(name, 0) + 1
-            logger.info("robot fault %s: %s", name, message.message)
-        elif isinstance(message, EStop):
-            self._robot_estop = True
-            logger.warning("the robot sent EStop (reason %d)", message.reason)
-
-    def _drain(self) -> None:
-        while (message := self.link.recv(timeout=0)) is not None:
-            self._note(message)
-
-    @staticmethod
-    def _finite_reading(message: State, base_velocity: bool) -> bool:
-        arrays = [message.joint_pos, message.joint_vel, message.quat, message.gyro, message.accel]
-        if base_velocity:
-            arrays.append(message.base_vel)
-        return all(np.all(np.isfinite(array)) for array in arrays)
+        return self.receiver.wait_state(timeout)
 
     # -- safety -----------------------------------------------------------------------------------
 
     def safe_targets(self, targets: np.ndarray) -> np.ndarray:
-        """Joint targets (n,) in the robot's encoder frame -> what may go to the motors (n,).
+        """Joint targets (n,) in the robot's encoder frame -> what may go to the motors (n,) (`TargetLimits.clamp`).
 
-        1. a non-finite entry holds the previous target (NaN or inf never reaches a motor);
-        2. |target - previous| <= max_target_step per joint (rate limit);
-        3. |target - measured| <= torque_limit / kp (the PD's position term cannot ask for more than
-           the motor's torque limit; the robot clamps torque too);
-        4. lower + offset <= target <= upper + offset (joint limits, encoder frame).
         The previous target is the last one sent, or the measured pose after a reset or reconnect.
         """
-        targets = np.array(targets, dtype=np.float64).reshape(self.spec.num_joints)
-        previous = self._targets
-        bad = ~np.isfinite(targets)
-        if bad.any():
-            self.health.nonfinite_targets += 1
-            targets[bad] = previous[bad]
-        limited = np.clip(targets, previous - self.max_target_step, previous + self.max_target_step)
-        if np.any(limited != targets):
-            self.health.rate_limited += 1
-        if self._last is not None:
-            measured = self._last.joint_pos.astype(np.float64)
-            reach = self._torque_reach
-            ok = np.isfinite(measured)
-            limited[ok] = np.clip(limited[ok], measured[ok] - reach[ok], measured[ok] + reach[ok])
-        return np.clip(limited, self._lower, self._upper)
+        return self._limits.clamp(targets, self._targets, self._last)
 
     def _hold_measured(self, message: State) -> None:
         """Rate-limit reference := the measured pose (finite entries; the default pose elsewhere)."""
-        measured = message.joint_pos.astype(np.float64)
-        fallback = self._default + self.offsets
-        self._targets = np.clip(np.where(np.isfinite(measured), measured, fallback), self._lower, self._upper)
+        self._targets = self._limits.hold_measured(message)
 
     def _send_command(self, targets: np.ndarray) -> None:
         if self._last.mode == Mode.ESTOP or self._estopped:
@@ -370,13 +213,13 @@ class RobotEnv:
         reconnected = False
         try:
             self._send_command(targets)
-            message = self._next_state()
+            message = self.receiver.next_state(self._last, self.lockstep, self.last_command)
         except LinkError as error:
-            if not self._lost(error):
+            if not self.receiver.robot_lost(error):
                 raise
             self._reconnect(error)
             reconnected = True
-            message = self._next_state()
+            message = self.receiver.next_state(self._last, self.lockstep, self.last_command)
         irregular = reconnected or self.health.command_resends != resends
         irregular |= message.tick != (self._last.tick + 1) % TICK_MODULO
         if message.mode == Mode.POSITION:
@@ -386,11 +229,11 @@ class RobotEnv:
             self.health.watchdog_trips += 1
             irregular = True
         base_velocity = self.capabilities is not None and bool(self.capabilities.flags & Capability.BASE_VELOCITY)
-        if not self._finite_reading(message, base_velocity):
+        if not finite_reading(message, base_velocity):
             self.health.nonfinite_states += 1
             irregular = True
         self._last = message
-        self._drain()
+        self.receiver.drain()
         return message, irregular
 
     def soft_start(self) -> int:
@@ -414,7 +257,7 @@ class RobotEnv:
         )
         for k in range(1, num_ticks + 1):
             message, _ = self._exchange(start + (goal - start) * k / num_ticks)
-            if message.mode == Mode.ESTOP or self._robot_estop:
+            if message.mode == Mode.ESTOP or self.receiver.robot_estop:
                 break
         return num_ticks
 
@@ -432,14 +275,10 @@ class RobotEnv:
         try:
             self.link.send(ModeRequest(Mode.DAMPING))
             self._damped = True
-            deadline = time.monotonic() + confirm_timeout
-            while (remaining := deadline - time.monotonic()) > 0:
-                message = self.link.latest_state(timeout=remaining)
-                if message is None or (self._last is not None and not tick_newer(message.tick, self._last.tick)):
-                    continue
-                if message.mode != Mode.POSITION:
-                    self.stopped_state = message
-                    return message
+            message = self.receiver.state_out_of_position(self._last, confirm_timeout)
+            if message is not None:
+                self.stopped_state = message
+                return message
         except LinkError as error:
             logger.warning("could not command damping: %s", error)
         return None
@@ -463,25 +302,9 @@ class RobotEnv:
 
     def _request_reset(self) -> None:
         can_reset = self.capabilities is not None and self.capabilities.flags & Capability.RESET_SUPPORTED
-        if can_reset:
-            self._drain()  # earlier replies and faults
-            deadline = time.monotonic() + 2.0
-            next_request = time.monotonic()
-            requests = 0
-            while (now := time.monotonic()) < deadline:
-                if now >= next_request:  # a lost request or reply is sent again
-                    self.health.reset_resends += requests > 0
-                    requests += 1
-                    self.link.send(Reset(Reset.REQUEST))
-                    next_request = now + 0.25
-                reply = self.link.recv(timeout=max(0.0, min(deadline, next_request) - time.monotonic()))
-                if isinstance(reply, Reset):
-                    if reply.status == Reset.DONE:
-                        self._estopped = self._robot_estop = False
-                        return
-                    break
-                if reply is not None:
-                    self._note(reply)
+        if can_reset and self.receiver.reset_handshake():
+            self._estopped = False
+            return
         # The robot cannot reset itself: the operator puts it back.
         self.damp()
         if self.reset_wait is not None:
@@ -492,22 +315,6 @@ class RobotEnv:
         else:
             raise LinkError("the robot refused to reset and no operator is attached; pass --reset-wait SECONDS")
 
-    def _first_state(self) -> State:
-        """The episode's first State: the one flagged EPISODE_START if it comes soon, else the next one."""
-        deadline = time.monotonic() + self.state_timeout
-        window = time.monotonic() + 5.0 / self.spec.control_rate_hz
-        newest: State | None = None
-        while (now := time.monotonic()) < deadline:
-            message = self.link.latest_state(timeout=max(0.0, min(deadline, window if newest else deadline) - now))
-            if message is not None:
-                if message.flags & StateFlag.EPISODE_START:
-                    return message
-                if newest is None or tick_newer(message.tick, newest.tick):
-                    newest = message
-            if newest is not None and time.monotonic() >= window:
-                return newest
-        raise _NoState(f"no State from the robot on {self.url} within {self.state_timeout:.2f} s after the reset")
-
     def restart(self) -> State:
         """Ask the robot (or the operator) for a new episode; returns its first State.
 
@@ -515,7 +322,7 @@ class RobotEnv:
         """
         self._request_reset()
         self._last = None
-        self._last = self._first_state()
+        self._last = self.receiver.first_state()
         return self._last
 
     def reset(self) -> tuple[np.ndarray, dict]:
@@ -524,7 +331,7 @@ class RobotEnv:
                 self.restart()
                 break
             except LinkError as error:
-                if attempt or not self._lost(error):
+                if attempt or not self.receiver.robot_lost(error):
                     raise
                 self._reconnect(error)
         self._engaged = self._last.mode == Mode.POSITION
@@ -535,7 +342,7 @@ class RobotEnv:
         self.gaps = self.reconnects = 0
         self.ticks = [self._last.tick]
         base_velocity = self.capabilities is not None and bool(self.capabilities.flags & Capability.BASE_VELOCITY)
-        if not self._finite_reading(self._last, base_velocity):
+        if not finite_reading(self._last, base_velocity):
             self.health.nonfinite_states += 1
             self.gaps += 1
         state = self.robot_state(self._last)
@@ -560,7 +367,7 @@ class RobotEnv:
         state = self.robot_state(message)
         reward = self.reward_fn(state, self.mapping.last_action, previous)
         fallen = self.mapping.is_fallen(state)
-        estopped = message.mode == Mode.ESTOP or self._robot_estop
+        estopped = message.mode == Mode.ESTOP or self.receiver.robot_estop
         safety_stop = "fallen" if fallen else "estop" if estopped else None
         if fallen:  # tilted past the spec's limit: stop commanding at once
             self.health.falls += 1

@@ -21,7 +21,8 @@ import sim.env
 from controller.mapping import LocomotionReward, ObservationMapping, RobotState
 from deploy.messages import Mode, State, StateFlag
 from deploy.protocol import decode_frame, encode_frame
-from deploy.robot import Calibration, RobotEnv
+from deploy.robot import RobotEnv
+from deploy.robot_states import Calibration
 from sim.env import LocomotionEnv
 from sim.tasks import Task
 

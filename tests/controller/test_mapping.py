@@ -265,7 +265,8 @@ def test_roll_pitch_round_trip_and_imu_tilt_correction() -> None:
     from controller.mapping import quat_conjugate, quat_from_roll_pitch, quat_multiply, roll_pitch
     from controller.robot import load_robot_spec
     from deploy.messages import Mode, State
-    from deploy.robot import Calibration, RobotEnv
+    from deploy.robot import RobotEnv
+    from deploy.robot_states import Calibration
 
     for roll, pitch in ((0.03, -0.02), (-0.4, 0.3), (0.0, 0.0)):
         assert np.allclose(roll_pitch(quat_from_roll_pitch(roll, pitch)), (roll, pitch))

@@ -19,7 +19,8 @@ import pytest
 from controller.robot import load_robot_spec
 from deploy.control import run_episode
 from deploy.messages import Capabilities, Capability, Mode, ModeRequest, State
-from deploy.robot import RobotEnv, tick_newer
+from deploy.robot import RobotEnv
+from deploy.robot_states import tick_newer
 from deploy.runtime import PolicyRuntime
 from sim.emulator import Emulator, SensorErrors
 
