@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from controller.adaptation import AdaptConfig, Episode, start_task_master, update_master
+from controller.errors import ConfigError
 from controller.mlsh import saved_master_init
 from controller.rundir import load_torch
 from deploy.bundle import (
@@ -157,6 +158,8 @@ def adapt(
     """
     import time
 
+    if num_episodes < 1:
+        raise ConfigError(f"-k (adaptation episodes) must be at least 1, got {num_episodes}")
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
     if bundle.algorithm != "mlsh":
@@ -183,6 +186,12 @@ def adapt(
     except (KeyError, RuntimeError) as error:
         raise BundleError(f"{bundle_dir / MASTER_INIT} does not fit this bundle's policy: {error}") from error
     config = config or started
+    if config.baseline == "episodes" and num_episodes < 2:
+        # Checked before the link opens: one episode would cost the robot's time and teach nothing.
+        raise ConfigError(
+            f"a new task's master learns by comparing its K episodes with each other, so -k must be at least 2 "
+            f"(got {num_episodes}); --keep-master adapts the bundle's current master from one episode with its critic"
+        )
     sampling = runtime
     if master_init != "keep":  # the episodes sample the started master: its graph, exported before the link opens
         with tempfile.TemporaryDirectory(prefix="metactl-start-") as scratch:

@@ -97,6 +97,10 @@ def test_a_meta_bundle_carries_its_master_init_checked(tmp_path: Path, emulator)
     assert "return after:" in adapted.stdout and "adapting its current master" not in adapted.stderr
     kept = metactl("adapt", str(bundle_dir), "--port", robot.port, "-k", "2", "--seconds", "1", "--keep-master")
     assert "return after:" in kept.stdout
+    # One episode gives a started master nothing to compare: refused before the link opens (an unused port).
+    refused = metactl("adapt", str(bundle_dir), "--port", str(tmp_path / "no-port"), "-k", "1", check=False)
+    assert refused.returncode != 0 and "-k must be at least 2 (got 1)" in refused.stderr
+    assert "--keep-master" in refused.stderr and "Traceback" not in refused.stderr
 
     data = bytearray((bundle_dir / MASTER_INIT).read_bytes())
     data[-10] ^= 0xFF
