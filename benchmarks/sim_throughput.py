@@ -76,10 +76,11 @@ class RawRobot:
         """Replay `targets` (steps, num_joints), restoring the initial state before each flagged step.
 
         Each substep does what `SimRobot.step` does at nominal dynamics, written the cheapest way we know (the
-        same state unpacking and clip as there), so the ratio measures the env's overhead, not a slower loop.
+        same PD law on Python floats as there), so the ratio measures the env's overhead, not a slower loop.
         Returns wall seconds and this process's CPU seconds.
         """
-        body, joints, cid, low, high = self.body, self.joint_ids, self.cid, -self.limit, self.limit
+        body, joints, cid = self.body, self.joint_ids, self.cid
+        lows, highs = (-self.limit).tolist(), self.limit.tolist()
         kp, kd, torque_mode, decimation = self.kp, self.kd, pybullet.TORQUE_CONTROL, self.decimation
         get_joint_states, set_motors, step_simulation = (
             pybullet.getJointStates,
@@ -91,11 +92,14 @@ class RawRobot:
         for target, reset in zip(targets, resets):
             if reset:
                 pybullet.restoreState(self.initial_state, physicsClientId=cid)
+            law = list(zip(target.tolist(), lows, highs))
             for _ in range(decimation):
-                states = get_joint_states(body, joints, cid)
-                q, dq = np.array([s[0] for s in states]), np.array([s[1] for s in states])
-                torque = np.minimum(np.maximum(kp * (target - q) - kd * dq, low), high)
-                set_motors(body, joints, torque_mode, forces=torque.tolist(), physicsClientId=cid)
+                torque = []
+                for (goal, low, high), joint in zip(law, get_joint_states(body, joints, cid)):
+                    value = kp * (goal - joint[0]) - kd * joint[1]
+                    value = low if value < low else value
+                    torque.append(high if value > high else value)
+                set_motors(body, joints, torque_mode, forces=torque, physicsClientId=cid)
                 step_simulation(cid)
         return time.perf_counter() - start, time.process_time() - start_cpu
 

@@ -52,6 +52,11 @@ def _gain(gain: np.ndarray | float, scale: float) -> np.ndarray | float:
     return float(scaled) if scaled.ndim == 0 else scaled
 
 
+def _per_joint(value: np.ndarray | float, n: int) -> list[float]:
+    """A gain or scale that is one float or one per joint, as n Python floats."""
+    return value.tolist() if isinstance(value, np.ndarray) else [float(value)] * n
+
+
 def _child_generator(rng: np.random.Generator) -> np.random.Generator:
     """An independent generator from `rng` without drawing from it (the caller's stream is unchanged)."""
     try:
@@ -80,13 +85,14 @@ class SimRobot:
         self._zeros = [0.0] * spec.num_joints
         self._torque_limit = spec.array("torque_limit")
         self._torque_low = -self._torque_limit
+        self._torque_limit_list, self._torque_low_list = self._torque_limit.tolist(), self._torque_low.tolist()
         self._decimation = spec.decimation
         self.rng = np.random.default_rng(seed)
         self._applied_coulomb = 0.0  # the joint friction limit sent last; NaN while damping sets it every step
         self._joint_offsets: np.ndarray | None = None
         self._gyro_bias: np.ndarray | None = None
         self._pending: deque = deque()
-        self._reading: tuple | None = None  # (physics step, q, dq) of the last read_state without latency
+        self._reading: tuple | None = None  # (physics step, joint states) of the last read_state without latency
         self._history: deque | None = None
         self.sim_time = 0.0
         self.task = Task()
@@ -220,65 +226,89 @@ class SimRobot:
         else:
             self._command = command
         # The hot loop: locals only, and no work for a feature whose task value is nominal (x * 1.0 == x exactly).
+        # The PD law runs on Python floats, per joint: the same operations in the same order as the numpy
+        # expression clip(kp (q* - q) - kd dq) (maximum, then minimum; NaN passes through both), ~3x cheaper on
+        # 12 joints than a dozen numpy calls.
+        n = len(self.joint_ids)
         strength = self._strength
-        strength = None if isinstance(strength, float) and strength == 1.0 else strength
-        low, high, joint_ids, dt = self._torque_low, self._torque_limit, self.joint_ids, self.spec.sim_timestep
+        strengths = None if isinstance(strength, float) and strength == 1.0 else _per_joint(strength, n)
+        dt = self.spec.sim_timestep
+        body, joint_ids, client_id, torque_control = self.body, self.joint_ids, self._client_id, pybullet.TORQUE_CONTROL
         # Module functions with the client id passed positionally: the cheapest call pybullet offers.
         get_joint_states, set_motors, step_simulation = (
             pybullet.getJointStates,
             pybullet.setJointMotorControlArray,
             pybullet.stepSimulation,
         )
-        client_id, torque_control = self._client_id, pybullet.TORQUE_CONTROL
         pending, recording, damping, com = self._pending, self._history is not None, self._damping, self._com_offset
-        # The joint state read_state took at this physics step (no step, reset or task change since) is the first
+        # The joint states read_state took at this physics step (no step, reset or task change since) are the first
         # substep's reading: the joints are read once per physics step, as in a plain loop.
         reading, self._reading = self._reading, None
-        reading = reading[1:] if reading is not None and reading[0] == self._physics_steps else None
-        target, kp_eff, kd_eff = self._command
+        reading = reading[1] if reading is not None and reading[0] == self._physics_steps else None
+        law = self._pd_law(self._command)
+        torque = None
         if not (pending or recording) and damping is None and com is None:  # nominal features: counters kept local
-            sim_time, torque = self.sim_time, self.last_torque
+            sim_time = self.sim_time
             for _ in range(num_steps):
                 if reading is None:
                     states = get_joint_states(body, joint_ids, client_id)
-                    q, dq = np.array([s[0] for s in states]), np.array([s[1] for s in states])
                 else:
-                    (q, dq), reading = reading, None
-                # np.clip as maximum then minimum: the same values, without np.clip's dispatch cost.
-                torque = np.minimum(np.maximum(kp_eff * (target - q) - kd_eff * dq, low), high)
-                if strength is not None:
-                    torque = strength * torque
-                # A list converts ~2x faster than an array.
-                set_motors(body, joint_ids, torque_control, forces=torque.tolist(), physicsClientId=client_id)
+                    states, reading = reading, None
+                torque = []
+                for (target, kp_j, kd_j, low, high), joint in zip(law, states):
+                    value = kp_j * (target - joint[0]) - kd_j * joint[1]
+                    value = low if value < low else value
+                    torque.append(high if value > high else value)
+                if strengths is not None:
+                    torque = [factor * value for factor, value in zip(strengths, torque)]
+                set_motors(body, joint_ids, torque_control, forces=torque, physicsClientId=client_id)
                 step_simulation(client_id)
                 sim_time += dt
-            self.last_torque, self.sim_time = torque, sim_time
+            if torque is not None:
+                self.last_torque = np.array(torque)
+            self.sim_time = sim_time
             self._physics_steps += num_steps
             return
         for _ in range(num_steps):
             if pending and pending[0][0] <= self._physics_steps:
                 while pending and pending[0][0] <= self._physics_steps:
                     self._command = pending.popleft()[1]
-                target, kp_eff, kd_eff = self._command
+                law = self._pd_law(self._command)
             if recording:
                 q, dq = self._record()
-            elif reading is None:
-                states = get_joint_states(body, joint_ids, client_id)
-                q, dq = np.array([s[0] for s in states]), np.array([s[1] for s in states])
+                joints = zip(q.tolist(), dq.tolist())
             else:
-                (q, dq), reading = reading, None
+                if reading is None:
+                    states = get_joint_states(body, joint_ids, client_id)
+                else:
+                    states, reading = reading, None
+                joints = [(joint[0], joint[1]) for joint in states]
+                if damping is not None:
+                    dq = np.array([joint[1] for joint in joints])
             if damping is not None:
                 self._set_joint_friction(task.joint_coulomb + damping * np.abs(dq))
-            torque = np.minimum(np.maximum(kp_eff * (target - q) - kd_eff * dq, low), high)
-            if strength is not None:
-                torque = strength * torque
-            set_motors(body, joint_ids, torque_control, forces=torque.tolist(), physicsClientId=client_id)
+            torque = []
+            for (target, kp_j, kd_j, low, high), (q_j, dq_j) in zip(law, joints):
+                value = kp_j * (target - q_j) - kd_j * dq_j
+                value = low if value < low else value
+                torque.append(high if value > high else value)
+            if strengths is not None:
+                torque = [factor * value for factor, value in zip(strengths, torque)]
+            set_motors(body, joint_ids, torque_control, forces=torque, physicsClientId=client_id)
             if com is not None:
                 self._apply_com_torque()
             step_simulation(client_id)
-            self.last_torque = torque
+            self.last_torque = np.array(torque)
             self.sim_time += dt
             self._physics_steps += 1
+
+    def _pd_law(self, command: tuple) -> list[tuple[float, float, float, float, float]]:
+        """Per joint (target, kp, kd, -limit, limit) as Python floats, from a (targets, kp, kd) command."""
+        targets, kp, kd = command
+        n = len(self.joint_ids)
+        return list(
+            zip(targets.tolist(), _per_joint(kp, n), _per_joint(kd, n), self._torque_low_list, self._torque_limit_list)
+        )
 
     def _trunk_quat(self, quat) -> tuple:
         """Orientation of the trunk frame (x forward, z up) from the URDF base orientation."""
@@ -342,9 +372,9 @@ class SimRobot:
         vel_now = vel_world
         history = self._history
         if history is None:
-            q, dq = self.joint_states()
-            self._reading = (self._physics_steps, q, dq)  # the next step's first substep reuses it
-            q, dq = q.copy(), dq.copy()
+            states = pybullet.getJointStates(body, self.joint_ids, client_id)
+            self._reading = (self._physics_steps, states)  # the next step's first substep reuses it
+            q, dq = np.array([s[0] for s in states]), np.array([s[1] for s in states])
             torque, time = self.last_torque.copy(), self.sim_time
         else:
             quat_now = quat
