@@ -49,7 +49,7 @@ import torch
 import yaml
 
 from controller.mapping import ObservationMapping
-from controller.policies import MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
 from controller.robot import RobotSpec, load_robot_spec
 from deploy.bundle import load_bundle
 from deploy.export import build_manifest, write_version

@@ -47,8 +47,9 @@ import yaml
 from torch import Tensor, nn
 
 from controller.mapping import ObservationMapping
+from controller.mlsh_policy import MLSHPolicy
 from controller.networks import RunningNormalizer
-from controller.policies import GaussianMLPPolicy, MLSHPolicy
+from controller.policies import GaussianMLPPolicy
 from controller.robot import load_robot_spec
 from controller.rundir import save_torch
 from deploy.bundle import FULL_POLICY, INPUT_NAME, POLICY

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from controller.errors import ConfigError
-from controller.policies import CategoricalMLPPolicy, MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
+from controller.policies import CategoricalMLPPolicy
 from controller.ppo import PPOConfig, compute_gae, ppo_update
 
 BASELINES = ("critic", "episodes")

@@ -26,9 +26,9 @@ from torch.distributions import Normal
 
 from controller.errors import ConfigError
 from controller.networks import RunningNormalizer, mlp, resolve_activation
-from controller.policies import LOG_STD_RANGE, POLICY_OUTPUT_GAIN, VALUE_OUTPUT_GAIN
+from controller.policies import LOG_STD_RANGE, POLICY_OUTPUT_GAIN, VALUE_OUTPUT_GAIN, check_positive_int
 from controller.ppo import PPOConfig, discount_cumsum, ppo_update
-from controller.rl2_rollout import Trials, _check_positive_int, meta_test, run_trials, trial_advantages
+from controller.rl2_rollout import Trials, meta_test, run_trials, trial_advantages
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class GRUPolicy(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("obs_dim", obs_dim), ("act_dim", act_dim), ("hidden_size", hidden_size)):
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         self.config: dict[str, Any] = dict(
             obs_dim=obs_dim, act_dim=act_dim, hidden_size=hidden_size, head_hidden=list(head_hidden),
             activation=activation, init_log_std=float(init_log_std), normalize=bool(normalize),
@@ -218,9 +218,9 @@ class RL2Config:
 
     def __post_init__(self) -> None:
         for name in ("num_trials", "episodes_per_trial", "max_episode_steps"):
-            _check_positive_int(f"RL2Config.{name}", getattr(self, name))
+            check_positive_int(f"RL2Config.{name}", getattr(self, name))
         if self.bptt_length is not None:
-            _check_positive_int("RL2Config.bptt_length", self.bptt_length)
+            check_positive_int("RL2Config.bptt_length", self.bptt_length)
         for name in ("gamma", "lam"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:

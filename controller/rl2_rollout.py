@@ -16,16 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from controller.errors import ConfigError
+from controller.policies import check_positive_int
 from controller.ppo import compute_gae
 
 if TYPE_CHECKING:  # only for annotations: controller.rl2 imports this module
     from controller.rl2 import GRUPolicy
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass
@@ -79,7 +74,7 @@ def run_trials(
         generator: Random source for the action noise (unused when `deterministic`: the mean is taken).
         max_episode_steps: Cap on an episode's length (the env's own truncation usually comes first).
     """
-    _check_positive_int("num_episodes", num_episodes)
+    check_positive_int("num_episodes", num_episodes)
     num_trials = len(envs)
     if len(tasks) != num_trials or np.shape(seeds) != (num_trials, num_episodes):
         raise ValueError(

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from controller.mlsh_policy import MLSHPolicy
 from controller.networks import RunningNormalizer
-from controller.policies import CategoricalMLPPolicy, MLSHPolicy
+from controller.policies import CategoricalMLPPolicy
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 

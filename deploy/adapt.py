@@ -24,7 +24,7 @@ import torch
 
 from controller.adaptation import AdaptConfig, Episode, start_task_master, update_master
 from controller.errors import ConfigError
-from controller.mlsh import saved_master_init
+from controller.mlsh_config import saved_master_init
 from controller.rundir import load_torch
 from deploy.bundle import (
     FULL_POLICY,

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from controller.mapping import ObservationMapping
-from controller.policies import MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
 from controller.robot import RobotSpec, load_robot_spec, robot_spec_from_dict
 from controller.rundir import RunDir, atomic_write_bytes, load_torch, save_torch
 from deploy.bundle import (

@@ -32,8 +32,8 @@ from tqdm import tqdm
 from controller.adaptation import AdaptConfig, Episode, finetune_all, start_task_master, update_master
 from controller.config import load_yaml
 from controller.errors import ConfigError
-from controller.mlsh import saved_master_init
-from controller.policies import MLSHPolicy
+from controller.mlsh_config import saved_master_init
+from controller.mlsh_policy import MLSHPolicy
 from controller.rundir import RunDir
 from sim.env import LocomotionEnv
 from sim.evaluation_meta import (

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from controller.errors import ConfigError
-from controller.policies import CategoricalMLPPolicy, MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
+from controller.policies import CategoricalMLPPolicy
 from controller.rollout import RolloutNetworks, StepFn, collect_segment
 from sim.samplers import EnvWorker, RemoteVectorEnv
 

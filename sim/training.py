@@ -13,8 +13,9 @@ import torch
 
 from controller.config import apply_overrides, build, load_yaml, to_dict
 from controller.errors import ConfigError
-from controller.mlsh import MLSHConfig, MLSHTrainer
-from controller.policies import MLSHPolicy
+from controller.mlsh import MLSHTrainer
+from controller.mlsh_config import MLSHConfig
+from controller.mlsh_policy import MLSHPolicy
 from controller.robot import load_robot_spec
 from controller.rundir import RunDir
 from sim import samplers

@@ -213,7 +213,7 @@ def test_eval_writes_table_json_and_plot(tiny_run: Path, tmp_path: Path) -> None
 
 
 def test_eval_suite_point_runs_every_method(tmp_path: Path) -> None:
-    from sim.fast_suite import BUDGETS
+    from sim.fast_suite_setup import BUDGETS
 
     assert "quick" in BUDGETS
     result = metactl(

@@ -8,7 +8,7 @@ import torch
 
 from controller.adaptation import AdaptConfig, Episode, macro_batch, update_master
 from controller.errors import ConfigError
-from controller.policies import MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
 
 
 def _episode(rewards: list[float], options: list[int], macro_steps: int = 2) -> Episode:

@@ -12,7 +12,7 @@ from torch import nn
 from controller.errors import ConfigError
 from controller.learned_update import LearnedOptimizer, LearnedOptimizerMAML, MetaSGD, preprocess_gradients
 from controller.meta_trainer import MAMLConfig
-from controller.policies import MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
 from tests.controller.test_maml import _actor_names, assert_adaptation_helps, meta_train_and_evaluate
 
 torch.set_num_threads(1)

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from controller import mlsh, rollout
-from controller.policies import LOG_STD_RANGE, MLSHPolicy
+from controller.mlsh_config import MLSHConfig
+from controller.mlsh_policy import MLSHPolicy
+from controller.policies import LOG_STD_RANGE
 from controller.rundir import RunDir
 
 
@@ -36,7 +38,7 @@ def _trainer(policy: MLSHPolicy) -> mlsh.MLSHTrainer:
     envs = gym.vector.SyncVectorEnv(
         [lambda: LocomotionEnv("a1", episode_seconds=0.5)] * 2, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
-    return mlsh.MLSHTrainer(policy, envs, lambda rng: None, mlsh.MLSHConfig(), RunDir(tempfile.mkdtemp()), seed=0)
+    return mlsh.MLSHTrainer(policy, envs, lambda rng: None, MLSHConfig(), RunDir(tempfile.mkdtemp()), seed=0)
 
 
 @pytest.mark.parametrize("num_subpolicies", [1, 4])

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from controller.errors import ConfigError
-from sim.fast_suite import mlsh_adapted_return, task_seeds, train_mlsh
+from sim.fast_suite import mlsh_adapted_return, train_mlsh
+from sim.fast_suite_setup import task_seeds
 from sim.fast_tasks import PointNavEnv, PointNavTask, PointNavTaskDistribution
 
 BANDITS = PointNavTaskDistribution(angle_low=0.0, angle_high=math.pi, num_angles=2, damping_low=1.0, damping_high=1.0)

@@ -10,8 +10,9 @@ import torch
 
 from controller.config import build, to_dict
 from controller.errors import ConfigError
-from controller.mlsh import MLSHConfig, MLSHTrainer, reptile_step
-from controller.policies import MLSHPolicy
+from controller.mlsh import MLSHTrainer, reptile_step
+from controller.mlsh_config import MLSHConfig
+from controller.mlsh_policy import MLSHPolicy
 from controller.ppo import PPOConfig
 from controller.rundir import RunDir
 from sim.fast_tasks import PointNavEnv, PointNavTaskDistribution

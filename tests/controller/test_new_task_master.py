@@ -11,7 +11,7 @@ import torch
 
 from controller.adaptation import NEW_MASTER_ADAPT, AdaptConfig, start_task_master
 from controller.errors import ConfigError
-from controller.policies import MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
 from deploy.adapt import new_task_master_init
 from deploy.bundle import MASTER_INIT, Bundle, load_bundle, load_master_init
 from deploy.errors import BundleError

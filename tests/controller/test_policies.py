@@ -12,7 +12,8 @@ import yaml
 from torch import nn
 
 from controller.errors import ConfigError
-from controller.policies import CategoricalMLPPolicy, GaussianMLPPolicy, MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
+from controller.policies import CategoricalMLPPolicy, GaussianMLPPolicy
 
 
 def _fit_normalizer(policy_normalizer: nn.Module, obs_dim: int, seed: int = 0) -> None:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from controller.errors import ConfigError
-from controller.policies import CategoricalMLPPolicy, GaussianMLPPolicy, MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
+from controller.policies import CategoricalMLPPolicy, GaussianMLPPolicy
 from controller.ppo import PPOConfig, compute_gae, discount_cumsum, ppo_update
 
 

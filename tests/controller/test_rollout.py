@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from controller import rollout
-from controller.policies import MLSHPolicy
+from controller.mlsh_policy import MLSHPolicy
 
 
 def _policy(num_subpolicies: int, activation: str) -> MLSHPolicy:

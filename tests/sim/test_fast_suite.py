@@ -1,5 +1,5 @@
-"""Point-task meta-test suite (sim/fast_suite.py, sim/fast_suite_report.py): held-out splits, paired
-seeds, the normalized score by hand, and a tiny-budget run of every method end to end."""
+"""Point-task meta-test suite (sim/fast_suite.py, sim/fast_suite_setup.py, sim/fast_suite_report.py): held-out
+splits, paired seeds, the normalized score by hand, and a tiny-budget run of every method end to end."""
 
 from __future__ import annotations
 
@@ -11,16 +11,9 @@ import pytest
 import torch
 
 from controller.errors import ConfigError
-from sim.fast_suite import (
-    HELD_OUT_SPLITS,
-    META_LEARNERS,
-    REFERENCE,
-    SuiteBudget,
-    held_out_tasks,
-    run_suite,
-    task_seeds,
-)
+from sim.fast_suite import META_LEARNERS, REFERENCE, run_suite
 from sim.fast_suite_report import normalized_score, summarize
+from sim.fast_suite_setup import HELD_OUT_SPLITS, SuiteBudget, held_out_tasks, task_seeds
 
 torch.set_num_threads(1)
 

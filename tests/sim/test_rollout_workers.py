@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from controller import mlsh
-from controller.policies import MLSHPolicy
+from controller.mlsh_config import MLSHConfig
+from controller.mlsh_policy import MLSHPolicy
 from controller.rollout import RolloutCollector
 from controller.rundir import RunDir
 from sim.env import LocomotionEnv
@@ -40,7 +41,7 @@ def _collect(backend: str, num_subpolicies: int, num_steps: int = 30) -> tuple[l
     envs = make_vector_env(ENV_FN, NUM_ENVS, backend)
     try:
         trainer = mlsh.MLSHTrainer(
-            _policy(num_subpolicies), envs, lambda rng: None, mlsh.MLSHConfig(), RunDir(tempfile.mkdtemp()), seed=0
+            _policy(num_subpolicies), envs, lambda rng: None, MLSHConfig(), RunDir(tempfile.mkdtemp()), seed=0
         )
         assert isinstance(envs, RolloutCollector) == (backend == "worker")
         obs, _ = envs.reset(seed=3)
@@ -76,7 +77,7 @@ def _train(backend: str) -> tuple[dict[str, torch.Tensor], list[float]]:
     """A tiny MLSH run (1 task group: 1 warm-up and 1 joint iteration) on `backend`."""
     envs = make_vector_env(ENV_FN, NUM_ENVS, backend)
     try:
-        config = mlsh.MLSHConfig(num_task_groups=1, warmup_iterations=1, joint_iterations=1, steps_per_iteration=64)
+        config = MLSHConfig(num_task_groups=1, warmup_iterations=1, joint_iterations=1, steps_per_iteration=64)
         torch.manual_seed(0)
         policy = MLSHPolicy(47, 12, num_subpolicies=2, macro_steps=4)
         trainer = mlsh.MLSHTrainer(
