@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from controller.networks import RunningNormalizer
-from controller.policies import CategoricalMLPPolicy, GaussianMLPPolicy, check_positive_int
+from controller.policies import CategoricalMLPPolicy, GaussianMLPPolicy, check_positive_int, gaussian_action
 
 
 class MLSHPolicy(nn.Module):
@@ -126,11 +126,7 @@ class MLSHPolicy(nn.Module):
             chosen sub-policy's critic.
         """
         dist, value = self._chosen_distribution(obs, option)
-        if deterministic:
-            action = dist.mean
-        else:
-            noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype, device=dist.mean.device)
-            action = dist.mean + dist.stddev * noise
+        action = gaussian_action(dist, deterministic, generator)
         return action, dist.log_prob(action).sum(-1), value
 
     def sub_evaluate(self, obs: Tensor, options: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:

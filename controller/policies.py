@@ -34,6 +34,14 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive int, got {value!r}")
 
 
+def gaussian_action(dist: Normal, deterministic: bool, generator: torch.Generator | None) -> Tensor:
+    """The distribution's mean, or a sample drawn with `generator` (mean + std * standard normal noise)."""
+    if deterministic:
+        return dist.mean
+    noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype, device=dist.mean.device)
+    return dist.mean + dist.stddev * noise
+
+
 class GaussianMLPPolicy(nn.Module):
     """Diagonal-Gaussian actor with an MLP mean, a state-independent log std and an MLP critic.
 
@@ -112,11 +120,7 @@ class GaussianMLPPolicy(nn.Module):
             action [..., act_dim], log_prob [...] (summed over action dims), value [...].
         """
         dist, value = self._distribution_and_value(obs)
-        if deterministic:
-            action = dist.mean
-        else:
-            noise = torch.randn(dist.mean.shape, generator=generator, dtype=dist.mean.dtype, device=dist.mean.device)
-            action = dist.mean + dist.stddev * noise
+        action = gaussian_action(dist, deterministic, generator)
         return action, dist.log_prob(action).sum(-1), value
 
     def evaluate(self, obs: Tensor, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
