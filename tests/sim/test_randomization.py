@@ -221,6 +221,30 @@ def test_motor_strength_spread_is_per_joint_and_fixed_by_the_seed(sim):
     np.testing.assert_array_equal(sim.per_joint_strength(), np.ones(12))
 
 
+@pytest.mark.parametrize(
+    "task",
+    [
+        Task(),
+        Task(motor_strength=0.8, motor_strength_spread=0.3, seed=11, kp_scale=1.1, kd_scale=0.9, joint_damping=0.2),
+    ],
+    ids=["nominal", "strength, gains and damping"],
+)
+def test_the_motor_torque_is_the_pd_law_exactly(sim, task):
+    """tau = strength * clip(kp_scale kp (q* - q) - kd_scale kd dq, -limit, limit), as numpy computes it, bit for
+    bit, for one gain or one per joint, with targets past the limits (clipped) and inside them."""
+    start(sim, task)
+    rng = np.random.default_rng(5)
+    limit = sim.spec.array("torque_limit")
+    for kp, kd in [(sim.spec.kp, sim.spec.kd), (rng.uniform(10, 60, 12), rng.uniform(0.5, 2.0, 12))]:
+        for _ in range(5):
+            q, dq = sim.joint_states()
+            target = sim.spec.array("default_pose") + rng.normal(0.0, 0.4, 12)
+            sim.step(target, kp, kd, substeps=1)
+            kp_eff, kd_eff = np.asarray(kp) * task.kp_scale, np.asarray(kd) * task.kd_scale
+            want = sim.per_joint_strength() * np.clip(kp_eff * (target - q) - kd_eff * dq, -limit, limit)
+            np.testing.assert_array_equal(sim.last_torque, want)
+
+
 def step_response(sim: SimRobot, task: Task, num_steps: int = 14) -> tuple[np.ndarray, ...]:
     """Thigh torque, true angle and read angle per physics step after a 0.3 rad step in one target.
 
