@@ -26,6 +26,9 @@ Options that change scheduling, applied to both processes: `--nice N` (os.nice),
 (robot on CPU 0, host on CPU 1), `--fifo` (SCHED_FIFO, as a robot computer would run its loop;
 needs root or CAP_SYS_NICE). Prints a Markdown table, then one JSON object as the last line
 (`--json`: the JSON line alone). Targets at 500 Hz: miss rate <= 0.001, jitter p99 <= 0.5 ms.
+
+The replay robot and the scheduling options are in control_loop_robot.py; this file holds the host
+loop, the bare pty floor, the statistics and the report.
 """
 
 from __future__ import annotations
@@ -36,11 +39,9 @@ import gc
 import json
 import multiprocessing
 import os
-import select
 import tempfile
 import time
 import tty
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -50,113 +51,21 @@ import yaml
 
 from controller.mapping import ObservationMapping
 from controller.mlsh_policy import MLSHPolicy
-from controller.robot import RobotSpec, load_robot_spec
+from controller.robot import load_robot_spec
 from deploy.bundle import load_bundle
 from deploy.export import build_manifest, write_version
-from deploy.messages import Capabilities, Capability, Command, Heartbeat, Hello, Mode, Reset, State, StateFlag
-from deploy.protocol import FrameDecoder, FrameEncoder
 from deploy.robot import RobotEnv
 from deploy.runtime import PolicyRuntime
+
+if __package__:  # python -m benchmarks.control_loop, or imported as benchmarks.control_loop
+    from .control_loop_robot import apply_scheduling, replay_robot
+else:  # python benchmarks/control_loop.py: this file's directory is sys.path[0]
+    from control_loop_robot import apply_scheduling, replay_robot
 
 TARGETS = {"deadline_miss_rate": 0.001, "jitter_p99_ms": 0.5}
 WARMUP_S = 0.5
 TAIL_TICKS = 20  # States after the measured window, so the last measured one has a "next State"
-FIFO_PRIORITY = 50
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "a1_terrain.yaml"
-
-
-def apply_scheduling(nice: int, cpu: int | None, fifo: bool) -> list[str]:
-    """Change this process's scheduling (threads started later inherit it); returns what took effect."""
-    applied = []
-    if nice:
-        try:
-            os.nice(nice)
-            applied.append(f"nice {nice:+d}")
-        except OSError as error:
-            applied.append(f"nice {nice:+d} refused ({error.strerror})")
-    if cpu is not None and cpu < (os.cpu_count() or 1):
-        os.sched_setaffinity(0, {cpu})
-        applied.append(f"cpu {cpu}")
-    if fifo:
-        try:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(FIFO_PRIORITY))
-            applied.append(f"SCHED_FIFO {FIFO_PRIORITY}")
-        except OSError as error:
-            applied.append(f"SCHED_FIFO refused ({error.strerror})")
-    return applied
-
-
-def standing_state(spec: RobotSpec, tick: int, robot_time: float, flags: int = 0) -> State:
-    """One fixed reading: default pose, at rest, upright, in POSITION mode."""
-    zeros = np.zeros(spec.num_joints)
-    return State(
-        tick, robot_time, Mode.POSITION, flags, spec.array("default_pose"), zeros, zeros, [0, 0, 0, 1], [0, 0, 0],
-        [0, 0, 9.81], [0, 0, 0],
-    )  # fmt: skip
-
-
-def replay_robot(
-    conn: Connection, spec: RobotSpec, rate_hz: float, num_ticks: int, scheduling: tuple[int, int | None, bool]
-) -> None:
-    """Child process: serve `num_ticks` States at `rate_hz` on a fresh pty; send the timings back over `conn`."""
-    applied = apply_scheduling(*scheduling)
-    master, slave = os.openpty()
-    tty.setraw(slave)  # bytes pass unchanged
-    os.set_blocking(master, False)
-    conn.send(os.ttyname(slave))
-    decoder, encoder = FrameDecoder(), FrameEncoder()
-    period_ns = int(round(1e9 / rate_hz))
-    scheduled = np.zeros(num_ticks, dtype=np.int64)
-    sent = np.zeros(num_ticks, dtype=np.int64)
-    arrived = np.full(num_ticks, -1, dtype=np.int64)  # first Command per tick, robot clock (ns)
-    started = False
-    episode_start = StateFlag(0)  # set by a Reset, carried by the next State built
-
-    def serve(until_ns: int) -> None:
-        """Read and answer whatever arrives until `until_ns` (perf_counter_ns)."""
-        nonlocal started, episode_start
-        while (remaining := until_ns - time.perf_counter_ns()) > 0:
-            ready, _, _ = select.select([master], [], [], remaining / 1e9)
-            if not ready:
-                continue
-            try:
-                data = os.read(master, 65536)
-            except (BlockingIOError, OSError):  # EIO while the host has the port closed
-                continue
-            now = time.perf_counter_ns()
-            for _, msg in decoder.feed(data):
-                if isinstance(msg, Command):
-                    if 0 <= msg.tick < num_ticks and arrived[msg.tick] < 0:
-                        arrived[msg.tick] = now
-                elif isinstance(msg, Hello):
-                    flags = Capability.RESET_SUPPORTED | Capability.BASE_VELOCITY
-                    caps = Capabilities(1, spec.name, int(round(rate_hz)), flags, tuple(spec.joint_names))
-                    os.write(master, encoder.encode(caps))
-                    started = True
-                elif isinstance(msg, Reset):
-                    os.write(master, encoder.encode(Reset(Reset.DONE)))
-                    episode_start = StateFlag.EPISODE_START
-                elif isinstance(msg, Heartbeat):
-                    os.write(master, encoder.encode(msg))
-
-    deadline = time.perf_counter_ns() + 120 * 10**9
-    while not started and time.perf_counter_ns() < deadline:
-        serve(time.perf_counter_ns() + 10**7)
-    start = time.perf_counter_ns() + period_ns
-    for tick in range(num_ticks if started else 0):
-        scheduled[tick] = start + tick * period_ns
-        # Built before its time, so encoding does not delay the write.
-        frame = encoder.encode(standing_state(spec, tick, scheduled[tick] / 1e9, episode_start))
-        episode_start = StateFlag(0)
-        serve(scheduled[tick])
-        with contextlib.suppress(BlockingIOError):  # nobody reads: the missing Commands will show it
-            os.write(master, frame)
-        sent[tick] = time.perf_counter_ns()
-    serve(time.perf_counter_ns() + 2 * 10**8)  # the last Commands
-    conn.send({"scheduled": scheduled, "sent": sent, "arrived": arrived, "applied": applied, "started": started})
-    conn.close()
-    os.close(master)
-    os.close(slave)
 
 
 def fresh_bundle(directory: Path) -> Path:
