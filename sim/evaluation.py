@@ -52,6 +52,19 @@ MODES = ("adapt", "finetune", "none")
 
 
 @dataclass
+class MethodResult:
+    """One method on one task at one K."""
+
+    mean: float
+    """Mean deterministic evaluation return."""
+    returns: list[float]
+    """Each evaluation episode's return."""
+    option_share: list[float] | None = None
+    """MLSH runs with several sub-policies: the share of the master's choices that went to each
+    sub-policy over the evaluation episodes (sums to 1); None otherwise."""
+
+
+@dataclass
 class LoadedRun:
     name: str
     policy: MLSHPolicy | None
@@ -163,8 +176,9 @@ def rollout(
 
 def evaluate_method(
     env: LocomotionEnv, run: LoadedRun, k: int, mode: str, eval_episodes: int, seed: int
-) -> tuple[float, list[float]]:
-    """Mean deterministic return after K adaptation episodes, and each evaluation episode's return.
+) -> MethodResult:
+    """The deterministic evaluation returns after K adaptation episodes (and, for MLSH, which
+    sub-policies the master chose in them).
 
     Args:
         mode: One of `MODES`: 'adapt' (the run's algorithm's own adaptation), 'finetune' (all
@@ -180,7 +194,7 @@ def evaluate_method(
             returns = gradient_returns(env, run.meta, k, eval_episodes, seed)[0]
         else:
             returns = rl2_returns(env, run.meta.policy, k, eval_episodes, seed)
-        return float(np.mean(returns)), returns
+        return MethodResult(float(np.mean(returns)), returns)
     policy = copy.deepcopy(run.policy)
     config = AdaptConfig()
     if mode == "adapt" and policy.num_subpolicies > 1:
@@ -197,8 +211,13 @@ def evaluate_method(
             update_master(policy, episodes, config, seed)
         else:
             finetune_all(policy, episodes, config, seed)
-    returns = [rollout(env, policy, seed + i).total_return for i in range(eval_episodes)]
-    return float(np.mean(returns)), returns
+    episodes = [rollout(env, policy, seed + i) for i in range(eval_episodes)]
+    returns = [episode.total_return for episode in episodes]
+    share = None
+    if policy.num_subpolicies > 1:
+        chosen = [option for episode in episodes for option, chose in zip(episode.options, episode.chose) if chose]
+        share = (np.bincount(chosen, minlength=policy.num_subpolicies) / max(len(chosen), 1)).tolist()
+    return MethodResult(float(np.mean(returns)), returns, share)
 
 
 def evaluate(
@@ -236,6 +255,7 @@ def evaluate(
         "methods": {},
         "random": [],
         "oracle": [],
+        "option_share": {},
     }
     total = len(tasks) * (1 + len(methods) * len(ks) + (oracle_run is not None))
     bar = tqdm(total=total, desc="eval", disable=not progress)
@@ -249,13 +269,17 @@ def evaluate(
         bar.update(1)
         if oracle_run is not None:
             oracle_env = privileged_env if oracle_run.privileged else env
-            results["oracle"].append(evaluate_method(oracle_env, oracle_run, 0, "none", eval_episodes, task_seed)[0])
+            results["oracle"].append(evaluate_method(oracle_env, oracle_run, 0, "none", eval_episodes, task_seed).mean)
             bar.update(1)
         for name, run, mode in methods:
             run_env = privileged_env if run.privileged else env
             per_k = results["methods"].setdefault(name, {str(k): [] for k in ks})
             for k in ks:
-                per_k[str(k)].append(evaluate_method(run_env, run, k, mode, eval_episodes, task_seed)[0])
+                result = evaluate_method(run_env, run, k, mode, eval_episodes, task_seed)
+                per_k[str(k)].append(result.mean)
+                if result.option_share is not None:
+                    shares = results["option_share"].setdefault(name, {str(k): [] for k in ks})
+                    shares[str(k)].append(result.option_share)
                 bar.update(1)
     bar.close()
     env.close()
@@ -303,6 +327,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines.append(f"| random actions | - | {summary['random']['mean']:.1f} | |" + (" 0.00 |" if has_score else ""))
     if has_score:
         lines.append(f"| oracle (true task in obs) | 0 | {summary['oracle']['mean']:.1f} | | 1.00 |")
+    if results.get("option_share"):
+        # Which sub-policies the master used: a master that commits per task puts most choices on one
+        # sub-policy, and on different ones for different tasks.
+        lines += ["", "| method | K | master's choices per sub-policy, per task |", "|---|---:|---|"]
+        for name, per_k in results["option_share"].items():
+            for k, per_task in per_k.items():
+                cells = " ; ".join("/".join(f"{share:.2f}" for share in shares) for shares in per_task)
+                lines.append(f"| {name} | {k} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

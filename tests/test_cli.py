@@ -210,6 +210,10 @@ def test_eval_writes_table_json_and_plot(tiny_run: Path, tmp_path: Path) -> None
     assert "normalized" in summary["fine-tune all"]["1"]
     for name in ("eval.md", "eval.json", "eval.png"):
         assert (tmp_path / "eval" / name).exists()
+    shares = json.loads((tmp_path / "eval" / "eval.json").read_text())["option_share"]["mlsh (adapt master)"]
+    assert set(shares) == {"0", "1"} and all(len(per_task) == 2 for per_task in shares.values())
+    assert all(abs(sum(task_shares) - 1.0) < 1e-9 for per_task in shares.values() for task_shares in per_task)
+    assert "master's choices per sub-policy" in (tmp_path / "eval" / "eval.md").read_text()
 
 
 def test_eval_suite_point_runs_every_method(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -69,13 +70,18 @@ def test_eval_k0_is_a_new_tasks_start_master(tiny_run: Path):
     assert run.master_init == "reset"  # configs/a1_quick.yaml trains with the default
     env = LocomotionEnv("a1", Task(command_vx=0.5), episode_seconds=1.0)
     try:
-        got, _ = evaluate_method(env, run, 0, "adapt", 1, seed=7)
+        got = evaluate_method(env, run, 0, "adapt", 1, seed=7)
         fresh = copy.deepcopy(run.policy)
         start_task_master(fresh.master, "reset", torch.Generator().manual_seed(7))
-        assert got == rollout(env, fresh, 7).total_return
+        episode = rollout(env, fresh, 7)
+        assert got.mean == got.returns[0] == episode.total_return
+        # The master's choices in the evaluation episode, as shares per sub-policy.
+        chosen = [option for option, chose in zip(episode.options, episode.chose) if chose]
+        assert len(got.option_share) == fresh.num_subpolicies and math.isclose(sum(got.option_share), 1.0)
+        assert got.option_share == [chosen.count(i) / len(chosen) for i in range(fresh.num_subpolicies)]
         kept = copy.deepcopy(run)
         kept.master_init = "keep"
-        assert evaluate_method(env, kept, 0, "adapt", 1, seed=7)[0] == rollout(env, run.policy, 7).total_return
+        assert evaluate_method(env, kept, 0, "adapt", 1, seed=7).mean == rollout(env, run.policy, 7).total_return
     finally:
         env.close()
 
