@@ -57,31 +57,9 @@ from sim.samplers import make_vector_env
 from sim.tasks import Task
 
 if __package__:  # python -m benchmarks.ppo_vs_sb3, or imported as benchmarks.ppo_vs_sb3
-    from .ppo_vs_sb3_training import (
-        EPISODE_SECONDS,
-        NUM_RECENT_EPISODES,
-        ROBOT,
-        ROLLOUT_STEPS,
-        SEED,
-        TASK,
-        evaluate,
-        our_config,
-        train_ours,
-        train_sb3,
-    )
+    from . import ppo_vs_sb3_training as training
 else:  # python benchmarks/ppo_vs_sb3.py: this file's directory is sys.path[0]
-    from ppo_vs_sb3_training import (
-        EPISODE_SECONDS,
-        NUM_RECENT_EPISODES,
-        ROBOT,
-        ROLLOUT_STEPS,
-        SEED,
-        TASK,
-        evaluate,
-        our_config,
-        train_ours,
-        train_sb3,
-    )
+    import ppo_vs_sb3_training as training
 
 TARGETS = {"speedup": 2.0, "fraction_of_env_limit": 0.6}
 ENV_LIMIT_PROCESSES = 2
@@ -93,7 +71,7 @@ SB3_CANDIDATES = [("subproc", 2, 1), ("subproc", 2, 2), ("subproc", 4, 1), ("dum
 
 
 def _env_limit_worker(num_steps: int, seed: int, barrier: Any, results: Any) -> None:
-    env = LocomotionEnv(ROBOT, Task.from_dict(TASK), episode_seconds=EPISODE_SECONDS)
+    env = LocomotionEnv(training.ROBOT, Task.from_dict(training.TASK), episode_seconds=training.EPISODE_SECONDS)
     actions = np.random.default_rng(seed).uniform(-1.0, 1.0, (num_steps, *env.action_space.shape)).astype(np.float32)
     env.reset(seed=seed)
     for action in actions[:50]:  # warm-up
@@ -127,7 +105,9 @@ def env_limit(num_steps: int, num_processes: int = ENV_LIMIT_PROCESSES) -> tuple
 
 def sampler_limit(num_steps: int, num_envs: int = 2) -> float:
     """Env steps/s of the process sampler with random actions (the env limit plus its IPC)."""
-    env_fn = functools.partial(LocomotionEnv, ROBOT, Task.from_dict(TASK), episode_seconds=EPISODE_SECONDS)
+    env_fn = functools.partial(
+        LocomotionEnv, training.ROBOT, Task.from_dict(training.TASK), episode_seconds=training.EPISODE_SECONDS
+    )
     envs = make_vector_env(env_fn, num_envs, "process")
     try:
         envs.reset(seed=0)
@@ -150,7 +130,7 @@ def pilot(total_steps: int) -> dict[str, dict[str, dict[str, float]]]:
     Two rounds, keeping each candidate's best: the second round re-measures only the candidates
     within half of their side's best, so a configuration that collapses under load is run once.
     """
-    sides = {"ours": (OUR_CANDIDATES, train_ours), "sb3": (SB3_CANDIDATES, train_sb3)}
+    sides = {"ours": (OUR_CANDIDATES, training.train_ours), "sb3": (SB3_CANDIDATES, training.train_sb3)}
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in sides}
     for round_index in range(2):
         for index in range(max(len(OUR_CANDIDATES), len(SB3_CANDIDATES))):
@@ -225,7 +205,7 @@ def markdown(results: dict[str, Any]) -> str:
             number(sb3["critical_path_steps_per_s"], 0),
         ),
         (
-            f"return, last {NUM_RECENT_EPISODES} training episodes",
+            f"return, last {training.NUM_RECENT_EPISODES} training episodes",
             number(results["our_final_return"]),
             number(results["sb3_final_return"]),
         ),
@@ -236,7 +216,7 @@ def markdown(results: dict[str, Any]) -> str:
         ),
     ]
     lines = [
-        f"{results['total_steps']:,} env steps each, rollout {ROLLOUT_STEPS}, "
+        f"{results['total_steps']:,} env steps each, rollout {training.ROLLOUT_STEPS}, "
         f"minibatch {results['minibatch']}, {results['epochs']} epochs; "
         f"load average {results['load_avg_start']:.1f} -> {results['load_avg_end']:.1f} "
         f"on {results['cpu_count']} cores",
@@ -278,21 +258,21 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def measure(total_steps: int, limit_steps: int, eval_episodes: int, seed: int = SEED) -> dict[str, Any]:
+def measure(total_steps: int, limit_steps: int, eval_episodes: int, seed: int = training.SEED) -> dict[str, Any]:
     """Env limit, pilot, both training runs (seeded by `seed`) and their evaluations, in that order; the raw results."""
     env_limit_before, env_cpu_before = env_limit(limit_steps)
     sampler = sampler_limit(limit_steps // 2)
-    pilots = pilot(ROLLOUT_STEPS)
+    pilots = pilot(training.ROLLOUT_STEPS)
     our_choice, sb3_choice = (max(pilots[side], key=lambda name: pilots[side][name]["steps_per_s"]) for side in pilots)
     runs = {
-        "ours": train_ours(total_steps, *_parse(our_choice), seed=seed),
-        "sb3": train_sb3(total_steps, *_parse(sb3_choice), seed=seed),
+        "ours": training.train_ours(total_steps, *_parse(our_choice), seed=seed),
+        "sb3": training.train_sb3(total_steps, *_parse(sb3_choice), seed=seed),
     }
     env_limit_after, env_cpu_after = env_limit(limit_steps)
     load_end = os.getloadavg()[0]
     sides = {}
     for (name, run), choice in zip(runs.items(), (our_choice, sb3_choice)):
-        returns = evaluate(run.pop("act"), eval_episodes)
+        returns = training.evaluate(run.pop("act"), eval_episodes)
         sides[name] = {"config": choice, **run, "eval_returns": returns, "eval_std": float(np.std(returns))}
     ours, sb3 = sides["ours"], sides["sb3"]
     limit = (env_limit_before + env_limit_after) / 2
@@ -329,7 +309,7 @@ def measure(total_steps: int, limit_steps: int, eval_episodes: int, seed: int = 
         # the main process does everything (env included); SB3's over ours.
         "single_process_cpu_ratio": pilots["sb3"]["dummy-1 threads-1"]["main_cpu_us_per_step"]
         / pilots["ours"]["inline-1 threads-1"]["main_cpu_us_per_step"],
-        "pilot": {"steps": ROLLOUT_STEPS, **pilots},
+        "pilot": {"steps": training.ROLLOUT_STEPS, **pilots},
         "ours": ours,
         "sb3": sb3,
     }
@@ -339,7 +319,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="about 20k env steps each instead of 200k")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
-    parser.add_argument("--seed", type=int, default=SEED, help="seed of both training runs (network init, sampling)")
+    parser.add_argument(
+        "--seed", type=int, default=training.SEED, help="seed of both training runs (network init, sampling)"
+    )
     args = parser.parse_args(argv)
     try:
         import stable_baselines3
@@ -350,12 +332,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch.utils.tensorboard  # noqa: F401
 
     iterations, limit_steps, eval_episodes = (10, 3000, 3) if args.quick else (98, 10000, 5)
-    config = our_config(iterations * ROLLOUT_STEPS, "inline", 1)
+    config = training.our_config(iterations * training.ROLLOUT_STEPS, "inline", 1)
     results: dict[str, Any] = {
         "quick": args.quick,
         "seed": args.seed,
-        "total_steps": iterations * ROLLOUT_STEPS,
-        "minibatch": ROLLOUT_STEPS // config.mlsh.sub_ppo.num_minibatches,
+        "total_steps": iterations * training.ROLLOUT_STEPS,
+        "minibatch": training.ROLLOUT_STEPS // config.mlsh.sub_ppo.num_minibatches,
         "epochs": config.mlsh.sub_ppo.epochs,
         "eval_episodes": eval_episodes,
         "cpu_count": os.cpu_count(),
