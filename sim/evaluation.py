@@ -55,13 +55,16 @@ MODES = ("adapt", "finetune", "none")
 class MethodResult:
     """One method on one task at one K."""
 
-    mean: float
-    """Mean deterministic evaluation return."""
     returns: list[float]
     """Each evaluation episode's return."""
     option_share: list[float] | None = None
     """MLSH runs with several sub-policies: the share of the master's choices that went to each
     sub-policy over the evaluation episodes (sums to 1); None otherwise."""
+
+    @property
+    def mean(self) -> float:
+        """Mean deterministic evaluation return."""
+        return float(np.mean(self.returns))
 
 
 @dataclass
@@ -194,7 +197,7 @@ def evaluate_method(
             returns = gradient_returns(env, run.meta, k, eval_episodes, seed)[0]
         else:
             returns = rl2_returns(env, run.meta.policy, k, eval_episodes, seed)
-        return MethodResult(float(np.mean(returns)), returns)
+        return MethodResult(returns)
     policy = copy.deepcopy(run.policy)
     config = AdaptConfig()
     if mode == "adapt" and policy.num_subpolicies > 1:
@@ -217,7 +220,7 @@ def evaluate_method(
     if policy.num_subpolicies > 1:
         chosen = [option for episode in episodes for option, chose in zip(episode.options, episode.chose) if chose]
         share = (np.bincount(chosen, minlength=policy.num_subpolicies) / max(len(chosen), 1)).tolist()
-    return MethodResult(float(np.mean(returns)), returns, share)
+    return MethodResult(returns, share)
 
 
 def evaluate(
