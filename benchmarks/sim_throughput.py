@@ -1,6 +1,6 @@
 """Simulation throughput: raw PyBullet vs `LocomotionEnv`, and sampler scaling (process, Ray).
 
-    python benchmarks/sim_throughput.py [--quick] [--json] [--profile] [--ray-address ADDR]
+    python benchmarks/sim_throughput.py [--quick] [--json] [--profile] [--bound] [--ray-address ADDR]
 
 Measures, in one run, control steps per second (one control step = `decimation` physics steps):
 
@@ -16,7 +16,9 @@ Measures, in one run, control steps per second (one control step = `decimation` 
 Ratios: env_vs_raw = env / raw (target >= 0.9), process_scaling = process-2 / process-1 (target
 >= 1.7 on 2 idle cores), ray_vs_process = ray-2 / process-2. Each number is the best of a few
 rounds, so a busy machine biases it less; env_vs_raw_cpu compares the process CPU time per step of
-the same rounds, which other processes on the cores disturb less than wall time. Prints a Markdown
+the same rounds, which other processes on the cores disturb less than wall time. `--bound` adds
+`bound_env_vs_raw_cpu`: that ratio with the joint targets, then also the observation, then also
+the reward replaced by precomputed results (same physics). Prints a Markdown
 table, then the JSON object as the last line (`--json`: the JSON line alone).
 """
 
@@ -185,6 +187,44 @@ def bench_env_vs_raw(num_steps: int, rounds: int, profile: bool) -> dict[str, An
     }
 
 
+def bench_bound(num_steps: int, rounds: int) -> dict[str, float]:
+    """`env_vs_raw_cpu` if parts of the env's own work cost nothing: each part replaced by a precomputed
+    result, cumulatively (joint targets, then the observation, then the reward). The replayed targets
+    keep the physics and the resets those of the real env (checked), so only the Python work changes."""
+    spec = load_robot_spec(ROBOT)
+    actions = np.random.default_rng(0).uniform(-1.0, 1.0, (num_steps, spec.num_joints)).astype(np.float32)
+    env, raw = LocomotionEnv(spec, joint_noise=0.0), RawRobot(spec)
+    try:
+        *_, resets = run_env(env, actions)
+        targets = replay_targets(spec, actions, resets)
+        raw_cpu = min(raw.run(targets, resets)[1] for _ in range(rounds))
+        step = iter(())
+
+        def env_cpu() -> float:
+            nonlocal step
+            best = float("inf")
+            for _ in range(rounds):
+                step = iter(targets)
+                _, cpu, replayed = run_env(env, actions)
+                if not np.array_equal(replayed, resets):
+                    raise RuntimeError("the stubbed env left the real env's physics")
+                best = min(best, cpu)
+            return raw_cpu / best
+
+        bound = {"as_is": env_cpu()}
+        mapping, observation = env.mapping, env.mapping.observe(env.state)
+        mapping.targets = lambda action: next(step)  # instance attributes shadow the methods
+        bound["targets_free"] = env_cpu()
+        mapping.observe = lambda state: observation
+        bound["targets_observation_free"] = env_cpu()
+        env.reward_fn = lambda state, action, previous: 0.0
+        bound["targets_observation_reward_free"] = env_cpu()
+        return {key: round(value, 4) for key, value in bound.items()}
+    finally:
+        env.close()
+        raw.close()
+
+
 def bench_sampler(backend: str, num_envs: int, num_steps: int, rounds: int, **kwargs: Any) -> dict[str, float]:
     """Env steps per second over all copies (best round) and the seconds to build the sampler."""
     start = time.perf_counter()
@@ -258,11 +298,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--profile", action="store_true", help="cProfile LocomotionEnv.step to stderr")
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: start a local one)")
+    parser.add_argument(
+        "--bound",
+        action="store_true",
+        help="also env_vs_raw_cpu with targets, observation and reward precomputed (what compiling them could give)",
+    )
     args = parser.parse_args(argv)
     env_steps, sampler_steps, rounds = (500, 300, 3) if args.quick else (3000, 2000, 5)
 
     results: dict[str, Any] = {"quick": args.quick, "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]}
     results |= bench_env_vs_raw(env_steps, rounds, args.profile)
+    if args.bound:  # before the samplers: a Ray shutdown still under way would disturb it
+        results["bound_env_vs_raw_cpu"] = bench_bound(env_steps, rounds)
     inline = bench_sampler("inline", 1, sampler_steps, rounds)
     process_1 = bench_sampler("process", 1, sampler_steps, rounds)
     process_2 = bench_sampler("process", 2, sampler_steps, rounds)
@@ -286,6 +333,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ray_seconds, process_seconds = 1 / ray_2["vector_steps_per_s"], 1 / process_2["vector_steps_per_s"]
         results["ray_overhead_us_per_step"] = 1e6 * (ray_seconds - process_seconds)
     results["targets"] = TARGETS
+    if args.bound:
+        results["bound_env_vs_raw_cpu"] = {
+            key: round(value, 4) for key, value in results["bound_env_vs_raw_cpu"].items()
+        }
     results = {key: round(value, 4) if isinstance(value, float) else value for key, value in results.items()}
     if not args.json:
         print(markdown(results))
